@@ -1,0 +1,1 @@
+"""Settings and shared data models. Nothing in this package performs I/O."""

@@ -1,0 +1,80 @@
+"""Typed settings, read from the environment (prefix ``FERRY_``) at entry points only.
+
+Library code never imports this module to read values; entry points load a
+``FerrySettings`` once and pass plain values inward.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Literal
+
+from pydantic import BaseModel, ByteSize, Field, NonNegativeInt, PositiveFloat, PositiveInt, SecretStr
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+from pydantic import field_validator
+
+EngineName = Literal["registry", "docker"]
+
+
+class RegistryConfig(BaseModel):
+    """Per-registry options, keyed by registry host (``docker.io``, ``harbor.example.com:8443``)."""
+
+    username: str | None = None
+    password: SecretStr | None = None
+    # Extra credentials rotated when the first one's pull quota is spent.
+    extra_credentials: list[tuple[str, SecretStr]] = Field(default_factory=list)
+    insecure: bool = False
+    mirrors: list[str] = Field(default_factory=list)
+    max_concurrency: PositiveInt | None = None
+    requests_per_second: PositiveFloat | None = None
+
+
+class RetrySettings(BaseModel):
+    """Retry budget for temporary registry errors (one owner: the transport layer)."""
+
+    attempts: PositiveInt = 6
+    base_delay: PositiveFloat = 0.5
+    max_delay: PositiveFloat = 30.0
+
+
+class CacheSettings(BaseModel):
+    """Per-node blob cache policy; names follow BuildKit's GC settings."""
+
+    enabled: bool = True
+    dir: str = "~/.cache/ferry/blobs"
+    keep_duration: NonNegativeInt = 3600
+    keep_bytes: ByteSize = ByteSize(10 * 1024**3)
+    min_free_bytes: ByteSize = ByteSize(2 * 1024**3)
+    max_parallelism: PositiveInt = 4
+
+
+class FerrySettings(BaseSettings):
+    """Everything configurable, e.g. ``FERRY_BROKER_URL`` or ``FERRY_CACHE__KEEP_BYTES``."""
+
+    model_config = SettingsConfigDict(env_prefix="FERRY_", env_nested_delimiter="__", extra="ignore")
+
+    broker_url: SecretStr | None = None
+    result_url: SecretStr | None = None
+    targets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    insecure_registries: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    engine: EngineName = "registry"
+    node: str = Field(default_factory=socket.gethostname)
+    concurrency: PositiveInt = 4
+    blob_concurrency: PositiveInt = 6
+    chunk_size: ByteSize = ByteSize(64 * 1024**2)
+    visibility_timeout: PositiveInt = 7200
+    result_ttl: PositiveInt = 7 * 24 * 3600
+    task_max_retries: NonNegativeInt = 3
+    docker_config: str | None = None
+    docker_host: str | None = None
+    registries: dict[str, RegistryConfig] = Field(default_factory=dict)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+
+    @field_validator("targets", "insecure_registries", mode="before")
+    @classmethod
+    def _split_commas(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v

@@ -1,0 +1,42 @@
+"""Shared fixtures: real registries, generated images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.images import Pusher
+from tests.support.registry import Registry
+
+
+@pytest.fixture
+def make_registry(tmp_path: Path) -> Iterator[Callable[..., Registry]]:
+    started: list[Registry] = []
+
+    def make(name: str = "reg", **kw: object) -> Registry:
+        reg = Registry(root=tmp_path / f"{name}-{len(started)}", **kw)  # type: ignore[arg-type]
+        started.append(reg.start())
+        return reg
+
+    yield make
+    for reg in started:
+        reg.stop()
+
+
+@pytest.fixture
+def src(make_registry: Callable[..., Registry]) -> Registry:
+    return make_registry("src")
+
+
+@pytest.fixture
+def dst(make_registry: Callable[..., Registry]) -> Registry:
+    return make_registry("dst")
+
+
+@pytest.fixture
+def src_pusher(src: Registry) -> Iterator[Pusher]:
+    p = Pusher(src.url)
+    yield p
+    p.client.close()
