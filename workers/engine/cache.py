@@ -1,0 +1,341 @@
+"""Content-addressed blob cache shared by the worker processes of one node.
+
+Layout under ``root``::
+
+    sha256/<hex>            complete, verified blobs (mtime = last use)
+    sha256/.tmp-<hex>-*     writes in progress (same dir, so the final rename is atomic)
+    leases/<hex>            lock files: a shared flock marks the blob in use
+    .cleanup.lock           one cleanup at a time per node
+
+Garbage collection follows BuildKit's policy names: entries unused for
+``keep_duration`` go first, then the least recently used until the cache holds at most
+``keep_bytes`` and the disk has ``min_free_bytes`` free. Leased entries are never removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import io
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from typing_extensions import Buffer
+
+from config.reference import DIGEST_RE
+
+_TMP_PREFIX = ".tmp-"
+# A temp file untouched this long belongs to a writer that died.
+STALE_TEMP_SECONDS = 3600.0
+_CHUNK = 1024 * 1024
+
+
+class CacheDigestMismatch(ValueError):
+    """The bytes written to the cache do not match the expected digest or size."""
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    keep_duration: float = 3600.0
+    keep_bytes: int = 10 * 1024**3
+    min_free_bytes: int = 2 * 1024**3
+    # How many blobs the engine may fill concurrently on this node (advisory).
+    max_parallelism: int = 4
+
+
+@dataclass(frozen=True)
+class CleanupStats:
+    freed_bytes: int = 0
+    freed_items: int = 0
+    kept_bytes: int = 0
+    kept_items: int = 0
+    errors: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _hex_of(digest: str) -> str:
+    """Validate before any path is built: only ``sha256:<64 lowercase hex>`` is accepted."""
+    if not isinstance(digest, str) or not digest.startswith("sha256:") or not DIGEST_RE.match(digest):
+        raise ValueError(f"invalid blob digest: {digest!r}")
+    return digest.removeprefix("sha256:")
+
+
+class _HashingFile(io.FileIO):
+    """A raw file that hashes what it writes and refuses to grow past the expected size."""
+
+    def __init__(self, fd: int, limit: int | None) -> None:
+        super().__init__(fd, "wb", closefd=True)
+        self.hasher = hashlib.sha256()
+        self.written = 0
+        self._limit = limit
+
+    def write(self, b: Buffer, /) -> int:
+        view = memoryview(b).cast("B")
+        if self._limit is not None and self.written + len(view) > self._limit:
+            raise CacheDigestMismatch(f"blob larger than its declared size {self._limit}")
+        done = 0
+        while done < len(view):  # raw writes may be short; callers expect all bytes taken
+            n = super().write(view[done:])
+            if n is None:  # pragma: no cover - only for non-blocking fds
+                continue
+            done += n
+        self.hasher.update(view)
+        self.written += done
+        return done
+
+
+class BlobCache:
+    def __init__(self, root: Path, policy: CachePolicy) -> None:
+        self.root = Path(root)
+        self.policy = policy
+        self._blobs = self.root / "sha256"
+        self._leases = self.root / "leases"
+        self._blobs.mkdir(parents=True, exist_ok=True)
+        self._leases.mkdir(parents=True, exist_ok=True)
+
+    # -- lookups -----------------------------------------------------------------------
+
+    def path_for(self, digest: str) -> Path:
+        return self._blobs / _hex_of(digest)
+
+    def get(self, digest: str) -> Path | None:
+        """The blob's path when it is complete; marks it recently used."""
+        path = self.path_for(digest)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return None
+        return path
+
+    def usage(self) -> tuple[int, int]:
+        total = items = 0
+        for _, size, _ in self._entries():
+            total += size
+            items += 1
+        return total, items
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    # -- leases ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lease(self, digest: str) -> Iterator[None]:
+        """Hold the blob in use (shared flock) so no cleanup on this node removes it."""
+        fd = self._open_locked(_hex_of(digest), fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    def _open_locked(self, hexd: str, op: int) -> int:
+        """Open and flock the lease file; return the fd, or raise BlockingIOError (non-blocking op).
+
+        Cleanup unlinks lease files while holding them exclusively, so after locking we
+        check the path still names our inode; if not, we locked an orphan and retry.
+        """
+        path = self._leases / hexd
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, op)
+                try:
+                    same = os.stat(path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                return fd
+            os.close(fd)
+
+    def _try_exclusive(self, hexd: str) -> int | None:
+        try:
+            return self._open_locked(hexd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+
+    def _release_exclusive(self, hexd: str, fd: int) -> None:
+        """Drop a lease file we hold exclusively (nobody uses the blob now)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._leases / hexd)
+        os.close(fd)
+
+    # -- writing -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writer(self, digest: str, size: int | None = None) -> Iterator[BinaryIO]:
+        """Write a blob; on clean exit it is verified and atomically put in place.
+
+        On an exception or a size/digest mismatch the partial file is removed and the
+        error raised. If another process completed the same blob first, ours is dropped.
+        """
+        hexd = _hex_of(digest)
+        final = self._blobs / hexd
+        with self.lease(digest):
+            tmp = self._blobs / f"{_TMP_PREFIX}{hexd}-{os.getpid()}-{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            f = _HashingFile(fd, size)
+            try:
+                try:
+                    yield f
+                    if size is not None and f.written != size:
+                        raise CacheDigestMismatch(
+                            f"blob {digest}: wrote {f.written} bytes, expected {size}")
+                    got = "sha256:" + f.hasher.hexdigest()
+                    if got != digest:
+                        raise CacheDigestMismatch(f"blob {digest}: content hashes to {got}")
+                    os.fsync(f.fileno())
+                finally:
+                    f.close()
+                if final.exists():
+                    os.unlink(tmp)
+                else:
+                    os.replace(tmp, final)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+
+    # -- garbage collection ------------------------------------------------------------
+
+    def _entries(self) -> Iterator[tuple[float, int, str]]:
+        """(mtime, size, hex) of every complete blob."""
+        with os.scandir(self._blobs) as it:
+            for e in it:
+                if e.name.startswith(_TMP_PREFIX):
+                    continue
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                yield st.st_mtime, st.st_size, e.name
+
+    def cleanup(self, now: float | None = None) -> CleanupStats:
+        """Apply the policy once; returns zero stats if another cleanup is running."""
+        now = time.time() if now is None else now
+        lock_fd = os.open(self.root / ".cleanup.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return CleanupStats()
+            return self._cleanup_locked(now)
+        finally:
+            os.close(lock_fd)
+
+    def _cleanup_locked(self, now: float) -> CleanupStats:
+        freed_bytes = freed_items = 0
+        errors: list[str] = []
+
+        def remove(hexd: str, path: Path, seen_mtime: float | None = None) -> int | None:
+            """Delete ``path`` unless ``hexd`` is leased or was used since we looked; bytes freed."""
+            fd = self._try_exclusive(hexd)
+            if fd is None:
+                return None
+            try:
+                st = path.stat()
+                if seen_mtime is not None and st.st_mtime != seen_mtime:
+                    return None
+                path.unlink()
+                return st.st_size
+            except FileNotFoundError:
+                return 0
+            except OSError as e:
+                errors.append(f"{path.name}: {e.strerror or e}")
+                return None
+            finally:
+                self._release_exclusive(hexd, fd)
+
+        # Temp files left by writers that died.
+        with os.scandir(self._blobs) as it:
+            temps = [e for e in it if e.name.startswith(_TMP_PREFIX)]
+        for e in temps:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if now - st.st_mtime < STALE_TEMP_SECONDS:
+                continue
+            hexd = e.name[len(_TMP_PREFIX):len(_TMP_PREFIX) + 64]
+            try:
+                _hex_of("sha256:" + hexd)
+            except ValueError:
+                hexd = ""
+            # A name we cannot parse is not a live writer's; old enough to be garbage anyway.
+            got = remove(hexd, Path(e.path)) if hexd else _unlink(Path(e.path), errors)
+            if got is not None:
+                freed_bytes += got
+                freed_items += 1
+
+        entries = sorted(self._entries())  # oldest first
+        kept: list[tuple[float, int, str]] = []
+        for mtime, size, hexd in entries:
+            if now - mtime > self.policy.keep_duration:
+                got = remove(hexd, self._blobs / hexd, mtime)
+                if got is not None:
+                    freed_bytes += got
+                    freed_items += 1
+                    continue
+            kept.append((mtime, size, hexd))
+
+        total = sum(s for _, s, _ in kept)
+        free = self.free_bytes()
+        survivors: list[tuple[float, int, str]] = []
+        for mtime, size, hexd in kept:
+            if total <= self.policy.keep_bytes and free >= self.policy.min_free_bytes:
+                survivors.append((mtime, size, hexd))
+                continue
+            got = remove(hexd, self._blobs / hexd, mtime)
+            if got is None:
+                survivors.append((mtime, size, hexd))
+                continue
+            total -= size
+            free += got
+            freed_bytes += got
+            freed_items += 1
+
+        self._sweep_orphan_leases()
+        return CleanupStats(
+            freed_bytes=freed_bytes,
+            freed_items=freed_items,
+            kept_bytes=sum(s for _, s, _ in survivors),
+            kept_items=len(survivors),
+            errors=tuple(errors),
+        )
+
+    def _sweep_orphan_leases(self) -> None:
+        """Remove lease files of blobs that are gone and that nobody holds."""
+        with os.scandir(self._leases) as it:
+            names = [e.name for e in it]
+        for hexd in names:
+            if (self._blobs / hexd).exists():
+                continue
+            try:
+                _hex_of("sha256:" + hexd)
+            except ValueError:
+                continue
+            fd = self._try_exclusive(hexd)
+            if fd is not None:
+                self._release_exclusive(hexd, fd)
+
+
+def _unlink(path: Path, errors: list[str]) -> int | None:
+    try:
+        size = path.stat().st_size
+        path.unlink()
+        return size
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            errors.append(f"{path.name}: {e.strerror or e}")
+        return None
