@@ -1,0 +1,1 @@
+"""ferry workers: Celery tasks on top of the transfer engines in ``workers.engine``."""

@@ -1,0 +1,62 @@
+"""Exponential backoff with full jitter for temporary registry errors.
+
+The transport layer owns retries: it wraps each request or blob transfer once;
+nothing beneath it (httpx has ``retries=0``) and nothing above it retries again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from workers.engine.errors import RateLimited, RegistryError
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# A registry asking for a longer pause than this is waited out by the task layer instead.
+RETRY_AFTER_CAP = 60.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+    sleep: Callable[[float], None] = field(default=time.sleep, compare=False, repr=False)
+    rand: Callable[[], float] = field(default=random.random, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError("delays must not be negative")
+
+    def delay(self, failures: int, error: BaseException | None = None) -> float:
+        """Seconds to wait after the ``failures``-th failure (1-based)."""
+        if isinstance(error, RateLimited) and error.retry_after is not None:
+            return min(error.retry_after, max(self.max_delay, RETRY_AFTER_CAP))
+        ceiling = min(self.max_delay, self.base_delay * 2.0 ** (failures - 1))
+        return ceiling * self.rand()
+
+    def should_retry(self, error: BaseException, failures: int) -> bool:
+        return isinstance(error, RegistryError) and error.temporary and failures < self.attempts
+
+    def call(self, fn: Callable[[], T], *, what: str = "request") -> T:
+        """``fn()``, again after a pause for each temporary failure, up to ``attempts`` calls."""
+        failures = 0
+        while True:
+            try:
+                return fn()
+            except RegistryError as exc:
+                failures += 1
+                if not self.should_retry(exc, failures):
+                    raise
+                pause = self.delay(failures, exc)
+                log.info("%s failed (%s); retry %d/%d in %.1fs", what, exc, failures,
+                         self.attempts - 1, pause)
+                self.sleep(pause)
