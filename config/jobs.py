@@ -59,6 +59,9 @@ class SyncResult(BaseModel):
     temporary: bool = False
     warnings: list[str] = Field(default_factory=list)
     line: int = 0
+    # Images the docker engine left in its daemon; the chained cleanup removes them.
+    local_refs: list[str] = Field(default_factory=list)
+    cleanup_task_id: str | None = None
 
     @property
     def bytes_transferred(self) -> int:

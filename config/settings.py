@@ -9,10 +9,21 @@ from __future__ import annotations
 import socket
 from typing import Literal
 
-from pydantic import BaseModel, ByteSize, Field, NonNegativeInt, PositiveFloat, PositiveInt, SecretStr
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
-from pydantic import field_validator
 
 EngineName = Literal["registry", "docker"]
 
@@ -72,9 +83,41 @@ class FerrySettings(BaseSettings):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
 
+    @field_validator("broker_url", "result_url")
+    @classmethod
+    def _redis_url(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            check_redis_url(v.get_secret_value())
+        return v
+
     @field_validator("targets", "insecure_registries", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:
         if isinstance(v, str):
             return [p.strip() for p in v.split(",") if p.strip()]
         return v
+
+
+def check_redis_url(url: str) -> None:
+    """Reject a malformed Redis URL with a message that does not echo its password."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"must be a redis://, rediss:// or unix:// URL, not scheme {parts.scheme!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("has a malformed port") from None
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError("has no host")
+    if port == 0:
+        raise ValueError("has port 0")
+
+
+def describe_validation_error(e: ValidationError) -> str:
+    """One line naming the setting (as its environment variable) and what is wrong with it."""
+    parts = []
+    for err in e.errors():
+        loc = "__".join(str(p) for p in err["loc"]).upper()
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"FERRY_{loc}: {msg}")
+    return "invalid setting " + "; ".join(parts)

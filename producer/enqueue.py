@@ -1,0 +1,66 @@
+"""Turn a validated list into one Celery task per image, recorded as a batch."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+
+from celery import Celery
+
+from config.jobs import BatchMeta, SyncJob
+from producer.mapping import Mapped
+from workers.app import SYNC_QUEUE, SYNC_TASK
+from workers.batches import BatchStore
+
+_TASK_NS = uuid.UUID("3b7c1f0e-9a52-4d8e-8f0a-6f1e2c9d4b10")
+
+
+def new_batch_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def task_id_for(batch_id: str, job: SyncJob) -> str:
+    """Deterministic per (batch, source, destinations, platforms): enqueueing twice is harmless."""
+    key = "|".join([batch_id, job.source, ",".join(job.destinations), ",".join(job.platforms)])
+    return str(uuid.uuid5(_TASK_NS, key))
+
+
+def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: str) -> list[SyncJob]:
+    return [
+        SyncJob(
+            batch_id=batch_id,
+            source=str(m.entry.source),
+            destinations=[str(d) for d in m.destinations],
+            platforms=[str(p) for p in m.entry.platforms],
+            engine=engine,  # type: ignore[arg-type]
+            line=m.entry.line,
+        )
+        for m in mapped
+    ]
+
+
+def enqueue(app: Celery, store: BatchStore, batch_id: str, list_file: str, targets: list[str],
+            jobs: list[SyncJob]) -> BatchMeta:
+    """Record the batch, then publish every task over one broker connection."""
+    task_ids = [task_id_for(batch_id, j) for j in jobs]
+    meta = BatchMeta(batch_id=batch_id, created_at=time.time(), list_file=list_file, targets=targets,
+                     jobs=jobs, task_ids=task_ids)
+    store.create(meta)
+    publish(app, list(zip(task_ids, jobs, strict=True)))
+    return meta
+
+
+def publish(app: Celery, tasks: list[tuple[str, SyncJob]]) -> None:
+    with app.producer_or_acquire() as producer:
+        for task_id, job in tasks:
+            app.send_task(
+                SYNC_TASK,
+                args=[job.model_dump(mode="json")],
+                task_id=task_id,
+                queue=SYNC_QUEUE,
+                producer=producer,
+                # Flower shows this instead of the raw payload.
+                argsrepr=f"[{job.source} -> {', '.join(job.destinations)}]",
+                shadow=f"sync {job.source}",
+            )

@@ -1,0 +1,66 @@
+"""The Celery application. Configured by entry points with ``configure``; tasks import ``app``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from config.settings import FerrySettings
+
+SYNC_QUEUE = "ferry"
+SYNC_TASK = "ferry.sync_image"
+CLEANUP_TASK = "ferry.cleanup"
+
+app = Celery("ferry", include=["workers.tasks"])
+
+
+def node_queue(node: str) -> str:
+    """The queue only the worker(s) of one node consume: chained cleanups land here."""
+    return f"ferry.node.{node}"
+
+
+def celery_config(settings: FerrySettings) -> dict[str, Any]:
+    if settings.broker_url is None:
+        raise ValueError("FERRY_BROKER_URL is not set")
+    broker = settings.broker_url.get_secret_value()
+    backend = settings.result_url.get_secret_value() if settings.result_url else broker
+    return {
+        "broker_url": broker,
+        "result_backend": backend,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "result_expires": settings.result_ttl,
+        "result_extended": True,
+        # Long jobs: ack after the work, one message at a time, redeliver if a worker dies.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout,
+            "socket_keepalive": True,
+            "retry_on_timeout": True,
+            "health_check_interval": 10,
+        },
+        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}, "health_check_interval": 10},
+        "redis_backend_health_check_interval": 10,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "task_default_queue": SYNC_QUEUE,
+        "task_queues": [Queue(SYNC_QUEUE, Exchange(SYNC_QUEUE), routing_key=SYNC_QUEUE)],
+        "task_create_missing_queues": True,
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "worker_hijack_root_logger": False,
+        "broker_heartbeat": 0,
+    }
+
+
+def configure(settings: FerrySettings) -> Celery:
+    app.conf.update(celery_config(settings))
+    return app

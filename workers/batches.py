@@ -1,0 +1,118 @@
+"""Batch records in Redis: what the producer enqueued and what each task reported.
+
+Any machine with the Redis URL can read a batch back (``producer status/report``).
+Keys (all expire after the result TTL):
+  ferry:batch:<id>:meta      BatchMeta JSON
+  ferry:batch:<id>:results   hash task_id -> SyncResult JSON (final outcome only)
+  ferry:batch:<id>:progress  hash task_id -> bytes moved so far
+  ferry:batch:<id>:state     hash task_id -> "started" | "retrying: <reason>"
+  ferry:batch:<id>:cleanups  hash cleanup task_id -> CleanupResult JSON
+  ferry:batches              sorted set of batch ids by creation time
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from config.jobs import BatchMeta, CleanupResult, SyncResult
+
+PREFIX = "ferry:batch:"
+INDEX = "ferry:batches"
+
+
+def _key(batch_id: str, part: str) -> str:
+    return f"{PREFIX}{batch_id}:{part}"
+
+
+@dataclass(frozen=True)
+class BatchSnapshot:
+    meta: BatchMeta
+    results: dict[str, SyncResult]
+    progress: dict[str, int]
+    states: dict[str, str]
+    cleanups: dict[str, CleanupResult]
+
+    @property
+    def done(self) -> bool:
+        return len(self.results) >= len(self.meta.task_ids)
+
+
+class BatchStore:
+    def __init__(self, client: redis.Redis, ttl: int) -> None:
+        self.r = client
+        self.ttl = ttl
+
+    @classmethod
+    def from_url(cls, url: str, ttl: int) -> BatchStore:
+        return cls(redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10,
+                                        health_check_interval=10, retry_on_timeout=True), ttl)
+
+    def close(self) -> None:
+        self.r.close()
+
+    def create(self, meta: BatchMeta) -> None:
+        with self.r.pipeline() as p:
+            p.set(_key(meta.batch_id, "meta"), meta.model_dump_json(), ex=self.ttl)
+            p.zadd(INDEX, {meta.batch_id: meta.created_at})
+            p.execute()
+
+    def reset_outcomes(self, batch_id: str, task_ids: list[str]) -> None:
+        """Forget the results of tasks about to run again (``producer retry``)."""
+        if not task_ids:
+            return
+        with self.r.pipeline() as p:
+            for part in ("results", "progress", "state"):
+                p.hdel(_key(batch_id, part), *task_ids)
+            p.execute()
+
+    def meta(self, batch_id: str) -> BatchMeta | None:
+        raw = self.r.get(_key(batch_id, "meta"))
+        return BatchMeta.model_validate_json(raw) if raw else None
+
+    def record_result(self, result: SyncResult) -> None:
+        b = result.batch_id
+        with self.r.pipeline() as p:
+            p.hset(_key(b, "results"), result.task_id, result.model_dump_json())
+            p.hdel(_key(b, "state"), result.task_id)
+            for part in ("results", "progress", "state"):
+                p.expire(_key(b, part), self.ttl)
+            p.execute()
+
+    def record_state(self, batch_id: str, task_id: str, state: str) -> None:
+        with self.r.pipeline() as p:
+            p.hset(_key(batch_id, "state"), task_id, state)
+            p.expire(_key(batch_id, "state"), self.ttl)
+            p.execute()
+
+    def set_progress(self, batch_id: str, task_id: str, nbytes: int) -> None:
+        with self.r.pipeline() as p:
+            p.hset(_key(batch_id, "progress"), task_id, nbytes)
+            p.expire(_key(batch_id, "progress"), self.ttl)
+            p.execute()
+
+    def record_cleanup(self, batch_id: str, task_id: str, result: CleanupResult) -> None:
+        with self.r.pipeline() as p:
+            p.hset(_key(batch_id, "cleanups"), task_id, result.model_dump_json())
+            p.expire(_key(batch_id, "cleanups"), self.ttl)
+            p.execute()
+
+    def snapshot(self, batch_id: str, meta: BatchMeta | None = None) -> BatchSnapshot | None:
+        meta = meta or self.meta(batch_id)
+        if meta is None:
+            return None
+        with self.r.pipeline() as p:
+            for part in ("results", "progress", "state", "cleanups"):
+                p.hgetall(_key(batch_id, part))
+            results, progress, states, cleanups = p.execute()
+        return BatchSnapshot(
+            meta=meta,
+            results={k.decode(): SyncResult.model_validate_json(v) for k, v in results.items()},
+            progress={k.decode(): int(v) for k, v in progress.items()},
+            states={k.decode(): v.decode() for k, v in states.items()},
+            cleanups={k.decode(): CleanupResult.model_validate_json(v) for k, v in cleanups.items()},
+        )
+
+    def recent(self, limit: int = 20) -> list[str]:
+        return [b.decode() for b in self.r.zrevrange(INDEX, 0, limit - 1)]

@@ -1,0 +1,93 @@
+"""``python -m workers``: start a worker, Flower, or a one-off cleanup on this node."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from config.settings import FerrySettings, describe_validation_error
+from workers import runtime
+from workers.app import SYNC_QUEUE, configure, node_queue
+
+USAGE_ERROR = 2
+
+
+def _fail(msg: str) -> int:
+    print(f"ferry workers: error: {msg}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def load_settings(overrides: dict[str, Any]) -> FerrySettings:
+    return FerrySettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m workers", description="Run a ferry worker on this machine.")
+    p.add_argument("--node", help="this node's name (default: FERRY_NODE or the host name)")
+    p.add_argument("--concurrency", type=int, help="images copied at once by this worker (FERRY_CONCURRENCY)")
+    p.add_argument("--engine", help="default engine for this node's cleanup: registry or docker")
+    p.add_argument("--loglevel", default=os.environ.get("FERRY_LOGLEVEL", "INFO"))
+    sub = p.add_subparsers(dest="command")
+    sub.add_parser("worker", help="run a worker (the default)")
+    fl = sub.add_parser("flower", help="run Flower on the same broker")
+    fl.add_argument("--address", default="127.0.0.1")
+    fl.add_argument("--port", type=int, default=5555)
+    fl.add_argument("--basic-auth", default=os.environ.get("FERRY_FLOWER_BASIC_AUTH"),
+                    help="user:password (required unless Flower listens on loopback)")
+    sub.add_parser("cleanup", help="apply this node's disk policy once and print what was freed")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.concurrency is not None and args.concurrency < 1:
+        return _fail(f"--concurrency must be a positive number, got {args.concurrency}")
+    try:
+        settings = load_settings({"node": args.node, "concurrency": args.concurrency, "engine": args.engine})
+    except ValidationError as e:
+        return _fail(describe_validation_error(e))
+    if args.command == "cleanup":
+        runtime.configure(settings)
+        print(runtime.run_cleanup(settings.engine, [], None).model_dump_json(indent=2))
+        return 0
+    if settings.broker_url is None:
+        return _fail("FERRY_BROKER_URL is not set (e.g. redis://:password@redis-host:6379/0)")
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = configure(settings)
+    runtime.configure(settings)
+    if args.command == "flower":
+        return _flower(app, args)
+    app.worker_main([
+        "worker",
+        "--hostname", f"{settings.node}@%h",
+        "--concurrency", str(settings.concurrency),
+        "--queues", f"{SYNC_QUEUE},{node_queue(settings.node)}",
+        "--loglevel", args.loglevel.upper(),
+        "--without-gossip", "--without-mingle",
+        "--task-events",
+    ])
+    return 0
+
+
+def _flower(app: Any, args: argparse.Namespace) -> int:
+    loopback = args.address in ("localhost",) or _is_loopback_ip(args.address)
+    if not loopback and not args.basic_auth:
+        return _fail("Flower on a non-loopback address needs --basic-auth user:password (FERRY_FLOWER_BASIC_AUTH)")
+    argv = ["flower", f"--address={args.address}", f"--port={args.port}"]
+    if args.basic_auth:
+        argv.append(f"--basic-auth={args.basic_auth}")
+    app.start(argv)
+    return 0
+
+
+def _is_loopback_ip(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False

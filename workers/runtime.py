@@ -1,0 +1,139 @@
+"""Per-process state of a worker: settings handed over by the entry point, engines built lazily.
+
+Engines hold connection pools, so they are built after the pool forks (first use in each
+child process) and reused by every task that process runs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from config.jobs import CleanupResult
+from config.settings import FerrySettings
+from workers.batches import BatchStore
+from workers.engine.protocols import Engine
+
+_settings: FerrySettings | None = None
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+_pid = 0
+
+
+def configure(settings: FerrySettings) -> None:
+    global _settings
+    _settings = settings
+
+
+def settings() -> FerrySettings:
+    if _settings is None:
+        raise RuntimeError("worker runtime is not configured; start workers with `python -m workers`")
+    return _settings
+
+
+def _local() -> dict[str, object]:
+    global _pid
+    if _pid != os.getpid():  # forked: nothing from the parent's pools may be reused
+        _state.clear()
+        _pid = os.getpid()
+    return _state
+
+
+def store() -> BatchStore:
+    with _lock:
+        st = _local()
+        if "store" not in st:
+            s = settings()
+            url = (s.result_url or s.broker_url)
+            assert url is not None
+            st["store"] = BatchStore.from_url(url.get_secret_value(), s.result_ttl)
+        return st["store"]  # type: ignore[return-value]
+
+
+def engine(name: str) -> Engine:
+    with _lock:
+        st = _local()
+        key = f"engine:{name}"
+        if key not in st:
+            st[key] = build_engine(name, settings())
+        return st[key]  # type: ignore[return-value]
+
+
+def cache_dir(s: FerrySettings) -> Path:
+    return Path(os.path.expanduser(s.cache.dir)) / s.node
+
+
+def build_engine(name: str, s: FerrySettings) -> Engine:
+    from workers.credentials import keychain_from_settings
+
+    keychain = keychain_from_settings(s)
+    if name == "docker":
+        from workers.engine.docker import DockerEngine
+
+        return DockerEngine(
+            docker_host=s.docker_host,
+            keychain=keychain,
+            attempts=s.retry.attempts,
+            base_delay=s.retry.base_delay,
+            max_delay=s.retry.max_delay,
+        )
+    if name == "registry":
+        from workers.engine.cache import BlobCache, CachePolicy
+        from workers.engine.registry import RegistryEngine, RegistryOptions
+
+        cache = None
+        if s.cache.enabled:
+            cache = BlobCache(cache_dir(s), _cache_policy(s))
+        options = RegistryOptions(
+            insecure_registries=tuple(s.insecure_registries)
+            + tuple(h for h, r in s.registries.items() if r.insecure),
+            blob_concurrency=s.blob_concurrency,
+            chunk_size=int(s.chunk_size),
+            retry_attempts=s.retry.attempts,
+            retry_base_delay=s.retry.base_delay,
+            retry_max_delay=s.retry.max_delay,
+            mirrors={h: list(r.mirrors) for h, r in s.registries.items() if r.mirrors},
+        )
+        _ = CachePolicy
+        return RegistryEngine(options, keychain=keychain, cache=cache)
+    raise ValueError(f"unknown engine {name!r}: choose registry or docker")
+
+
+def _cache_policy(s: FerrySettings) -> object:
+    from workers.engine.cache import CachePolicy
+
+    return CachePolicy(
+        keep_duration=float(s.cache.keep_duration),
+        keep_bytes=int(s.cache.keep_bytes),
+        min_free_bytes=int(s.cache.min_free_bytes),
+        max_parallelism=s.cache.max_parallelism,
+    )
+
+
+def run_cleanup(engine_name: str, remove: list[str], for_task: str | None) -> CleanupResult:
+    """Apply this node's disk policy for one engine and say what it freed."""
+    s = settings()
+    started = time.monotonic()
+    if engine_name == "docker":
+        from workers.engine.docker import DockerEngine
+
+        eng = engine("docker")
+        assert isinstance(eng, DockerEngine)
+        stats = eng.cleanup(float(s.cache.keep_duration), remove=remove)
+    else:
+        from workers.engine.cache import BlobCache
+
+        stats = BlobCache(cache_dir(s), _cache_policy(s)).cleanup()  # type: ignore[arg-type]
+    _ = started
+    return CleanupResult(
+        node=s.node,
+        engine=engine_name,
+        freed_bytes=stats.freed_bytes,
+        freed_items=stats.freed_items,
+        kept_bytes=stats.kept_bytes,
+        kept_items=stats.kept_items,
+        for_task=for_task,
+        errors=list(stats.errors),
+    )
