@@ -1,16 +1,61 @@
-PY ?= .venv/bin/python
-export PYTHONDONTWRITEBYTECODE = 1
+# ferry — make targets. `make run LIST=images.txt TARGET=registry.example.com/mirror` and `make test`.
+PY := .venv/bin/python
+PYTEST := $(PY) -m pytest
+export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv test lint
+LIST ?= images.txt
+TARGET ?=
+WORKERS ?= 2
+CONCURRENCY ?= 4
+
+.PHONY: venv run worker flower test test-fast test-slow test-faults test-docker test-cluster lint fmt bench clean
+
 venv: .venv/.stamp
 .venv/.stamp: pyproject.toml
 	python3 -m venv .venv
-	.venv/bin/pip install -q -e '.[dev,standalone]'
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,standalone]'
 	touch $@
 
+## Mirror LIST to TARGET on this machine (standalone unless FERRY_BROKER_URL is set).
+run: venv
+	@test -n "$(TARGET)" || { echo "usage: make run LIST=images.txt TARGET=registry.example.com/mirror"; exit 2; }
+	$(PY) -m producer enqueue $(LIST) --target $(TARGET) --wait
+
+worker: venv
+	$(PY) -m workers --concurrency $(CONCURRENCY)
+
+flower: venv
+	$(PY) -m workers flower
+
+## Every suite (what CI runs).
 test: venv
-	$(PY) -m pytest -q
+	$(PYTEST) -q -p no:cacheprovider
+
+test-fast: venv
+	$(PYTEST) -q -m "not slow and not faults and not docker and not cluster"
+
+test-slow: venv
+	$(PYTEST) -q -m slow
+
+test-faults: venv
+	$(PYTEST) -q -m faults
+
+test-docker: venv
+	$(PYTEST) -q -m docker
+
+test-cluster: venv
+	$(PYTEST) -q -m cluster
 
 lint: venv
-	$(PY) -m ruff check .
+	$(PY) -m ruff check config producer workers tests
 	$(PY) -m mypy config producer workers
+
+fmt: venv
+	$(PY) -m ruff check --fix config producer workers tests
+
+bench: venv
+	$(PY) ../shared/bench/bench.py --project . --workers $(WORKERS) --concurrency $(CONCURRENCY) --json bench.json
+
+clean:
+	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache

@@ -7,9 +7,7 @@ Library code never imports this module to read values; entry points load a
 from __future__ import annotations
 
 import socket
-from typing import Literal
-
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (

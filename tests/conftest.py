@@ -40,3 +40,6 @@ def src_pusher(src: Registry) -> Iterator[Pusher]:
     p = Pusher(src.url)
     yield p
     p.client.close()
+
+
+from tests.support.redis import redis_server, redis_session  # noqa: E402,F401  (fixtures)

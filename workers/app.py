@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
 
 from config.settings import FerrySettings
 
@@ -51,7 +50,6 @@ def celery_config(settings: FerrySettings) -> dict[str, Any]:
         "broker_connection_max_retries": None,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_default_queue": SYNC_QUEUE,
-        "task_queues": [Queue(SYNC_QUEUE, Exchange(SYNC_QUEUE), routing_key=SYNC_QUEUE)],
         "task_create_missing_queues": True,
         "task_track_started": True,
         "task_send_sent_event": True,

@@ -40,7 +40,7 @@ class BatchSnapshot:
 
 
 class BatchStore:
-    def __init__(self, client: redis.Redis, ttl: int) -> None:
+    def __init__(self, client: redis.Redis[bytes], ttl: int) -> None:
         self.r = client
         self.ttl = ttl
 

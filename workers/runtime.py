@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 
 from config.jobs import CleanupResult
 from config.settings import FerrySettings
 from workers.batches import BatchStore
+from workers.engine.cache import BlobCache, CachePolicy
 from workers.engine.protocols import Engine
 
 _settings: FerrySettings | None = None
@@ -80,12 +80,9 @@ def build_engine(name: str, s: FerrySettings) -> Engine:
             max_delay=s.retry.max_delay,
         )
     if name == "registry":
-        from workers.engine.cache import BlobCache, CachePolicy
         from workers.engine.registry import RegistryEngine, RegistryOptions
 
-        cache = None
-        if s.cache.enabled:
-            cache = BlobCache(cache_dir(s), _cache_policy(s))
+        cache = BlobCache(cache_dir(s), cache_policy(s)) if s.cache.enabled else None
         options = RegistryOptions(
             insecure_registries=tuple(s.insecure_registries)
             + tuple(h for h, r in s.registries.items() if r.insecure),
@@ -96,14 +93,11 @@ def build_engine(name: str, s: FerrySettings) -> Engine:
             retry_max_delay=s.retry.max_delay,
             mirrors={h: list(r.mirrors) for h, r in s.registries.items() if r.mirrors},
         )
-        _ = CachePolicy
         return RegistryEngine(options, keychain=keychain, cache=cache)
     raise ValueError(f"unknown engine {name!r}: choose registry or docker")
 
 
-def _cache_policy(s: FerrySettings) -> object:
-    from workers.engine.cache import CachePolicy
-
+def cache_policy(s: FerrySettings) -> CachePolicy:
     return CachePolicy(
         keep_duration=float(s.cache.keep_duration),
         keep_bytes=int(s.cache.keep_bytes),
@@ -115,7 +109,6 @@ def _cache_policy(s: FerrySettings) -> object:
 def run_cleanup(engine_name: str, remove: list[str], for_task: str | None) -> CleanupResult:
     """Apply this node's disk policy for one engine and say what it freed."""
     s = settings()
-    started = time.monotonic()
     if engine_name == "docker":
         from workers.engine.docker import DockerEngine
 
@@ -123,10 +116,7 @@ def run_cleanup(engine_name: str, remove: list[str], for_task: str | None) -> Cl
         assert isinstance(eng, DockerEngine)
         stats = eng.cleanup(float(s.cache.keep_duration), remove=remove)
     else:
-        from workers.engine.cache import BlobCache
-
-        stats = BlobCache(cache_dir(s), _cache_policy(s)).cleanup()  # type: ignore[arg-type]
-    _ = started
+        stats = BlobCache(cache_dir(s), cache_policy(s)).cleanup()
     return CleanupResult(
         node=s.node,
         engine=engine_name,
