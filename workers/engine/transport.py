@@ -1,0 +1,240 @@
+"""HTTP to registries: one pooled client per registry host, errors mapped to types.
+
+Clients are created on first use and kept for the life of the process, so warm
+syncs reuse their keep-alive connections instead of paying a handshake per image.
+Loopback registries and hosts listed insecure speak plain HTTP; all others HTTPS
+with certificate verification.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+
+from config.reference import host_is_loopback
+from workers.engine.errors import RegistryError, error_from_response, transport_error
+from workers.engine.retry import RetryPolicy
+
+VERSION = "0.1.0"
+DEFAULT_USER_AGENT = f"ferry/{VERSION}"
+MAX_CONNECTIONS_PER_HOST = 16
+
+
+class Keychain(Protocol):
+    """Where credentials for a registry come from (resolved on the worker only)."""
+
+    def resolve(self, registry: str) -> Any: ...
+
+
+# Builds the httpx.Auth for one registry host; None sends requests anonymously.
+AuthFactory = Callable[[str, "Keychain | None"], httpx.Auth | None]
+
+
+def default_auth(registry: str, keychain: Keychain | None) -> httpx.Auth | None:
+    """The auth every registry client gets: token and basic challenges for ``registry``."""
+    return None
+
+
+@dataclass(frozen=True)
+class RateQuota:
+    """Docker Hub's pull quota as last reported (``RateLimit-Limit: 100;w=21600``)."""
+
+    limit: int | None
+    remaining: int | None
+    seen_at: float
+
+    def nearly_spent(self, fraction: float = 0.1) -> bool:
+        if self.remaining is None:
+            return False
+        if self.limit:
+            return self.remaining <= self.limit * fraction
+        return self.remaining <= 5
+
+
+def _quota_number(value: str | None) -> int | None:
+    if not value:
+        return None
+    try:
+        return int(value.split(";", 1)[0].strip())
+    except ValueError:
+        return None
+
+
+class RegistryTransport:
+    """Sends registry API requests; ``request`` retries temporary failures, ``send`` does not."""
+
+    def __init__(
+        self,
+        *,
+        keychain: Keychain | None = None,
+        insecure_registries: Iterable[str] = (),
+        retry: RetryPolicy | None = None,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        user_agent: str = DEFAULT_USER_AGENT,
+        max_connections: int = MAX_CONNECTIONS_PER_HOST,
+        auth_factory: AuthFactory = default_auth,
+    ) -> None:
+        self.keychain = keychain
+        self.insecure = frozenset(insecure_registries)
+        self.retry = retry or RetryPolicy()
+        self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        self.user_agent = user_agent
+        self.max_connections = max_connections
+        self._auth_factory = auth_factory
+        self._clients: dict[str, httpx.Client] = {}
+        self._quotas: dict[str, RateQuota] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- clients -------------------------------------------------------------------
+
+    def scheme(self, host: str) -> str:
+        return "http" if host in self.insecure or host_is_loopback(host) else "https"
+
+    def base_url(self, host: str) -> str:
+        return f"{self.scheme(host)}://{host}"
+
+    def client(self, host: str) -> httpx.Client:
+        """The pooled client for ``host`` (an API host such as ``registry-1.docker.io``)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("transport is closed")
+            client = self._clients.get(host)
+            if client is None:
+                client = self._clients[host] = self._make_client(host)
+            return client
+
+    def _make_client(self, host: str) -> httpx.Client:
+        limits = httpx.Limits(
+            max_connections=self.max_connections,
+            max_keepalive_connections=self.max_connections,
+            keepalive_expiry=60.0,
+        )
+        # retries=0: RetryPolicy is the only place that retries.
+        transport = httpx.HTTPTransport(verify=True, limits=limits, retries=0)
+        return httpx.Client(
+            base_url=self.base_url(host),
+            transport=transport,
+            auth=self._auth_factory(host, self.keychain),
+            timeout=self.timeout,
+            headers={"User-Agent": self.user_agent},
+            # httpx drops Authorization when a redirect leaves the origin (blob storage URLs).
+            follow_redirects=True,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            clients, self._clients = list(self._clients.values()), {}
+        for c in clients:
+            c.close()
+
+    # -- quota ---------------------------------------------------------------------
+
+    def quota(self, host: str) -> RateQuota | None:
+        return self._quotas.get(host)
+
+    def _note_quota(self, host: str, response: httpx.Response) -> None:
+        remaining = _quota_number(response.headers.get("RateLimit-Remaining"))
+        if remaining is not None:
+            limit = _quota_number(response.headers.get("RateLimit-Limit"))
+            self._quotas[host] = RateQuota(limit, remaining, time.time())
+
+    # -- requests ------------------------------------------------------------------
+
+    def send(
+        self,
+        method: str,
+        host: str,
+        url: str | httpx.URL,
+        *,
+        ok: Iterable[int] = (200,),
+        reference: object = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        content: bytes | Iterable[bytes] | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        """One attempt. Statuses outside ``ok`` raise a typed error. With ``stream`` the
+        body is left unread and the caller must close the response."""
+        client = self.client(host)
+        request = client.build_request(method, url, headers=headers, params=params, content=content)
+        safe_url = str(request.url.copy_with(query=None))
+        try:
+            response = client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise transport_error(exc, url=safe_url, reference=reference) from exc
+        except httpx.TooManyRedirects as exc:
+            raise RegistryError("too many redirects", url=safe_url,
+                                reference=str(reference) if reference else None) from exc
+        self._note_quota(host, response)
+        try:
+            if response.status_code not in set(ok):
+                raise error_from_response(response, reference=reference)
+            if not stream:
+                response.read()
+        except httpx.TransportError as exc:
+            response.close()
+            raise transport_error(exc, url=safe_url, reference=reference) from exc
+        except BaseException:
+            response.close()
+            raise
+        if not stream:
+            response.close()
+        return response
+
+    def request(
+        self,
+        method: str,
+        host: str,
+        url: str | httpx.URL,
+        *,
+        ok: Iterable[int] = (200,),
+        reference: object = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        what: str | None = None,
+    ) -> httpx.Response:
+        """``send`` with the retry policy; for requests whose body can be sent again."""
+        ok = tuple(ok)
+        return self.retry.call(
+            lambda: self.send(method, host, url, ok=ok, reference=reference, headers=headers,
+                              params=params, content=content),
+            what=what or f"{method} {host}{url}",
+        )
+
+    @contextlib.contextmanager
+    def stream(
+        self,
+        method: str,
+        host: str,
+        url: str | httpx.URL,
+        *,
+        ok: Iterable[int] = (200,),
+        reference: object = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> Iterator[httpx.Response]:
+        """One attempt whose body is read by the caller; closed on exit."""
+        response = self.send(method, host, url, ok=ok, reference=reference, headers=headers,
+                             params=params, stream=True)
+        try:
+            yield response
+        finally:
+            response.close()
+
+    def resolve(self, host: str, location: str) -> str:
+        """An absolute URL for a ``Location`` header, which registries may give relative."""
+        if location.startswith(("http://", "https://")):
+            return location
+        if not location.startswith("/"):
+            location = "/" + location
+        return self.base_url(host) + location
