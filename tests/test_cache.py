@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from workers.engine.cache import BlobCache, CacheDigestMismatch, CachePolicy, CleanupStats
+from workers.engine.errors import DigestMismatch
 
 REPO = Path(__file__).resolve().parents[1]
 BIG = 1 << 60  # a keep_bytes no test reaches
@@ -135,7 +136,8 @@ def test_mismatches_and_failures_leave_nothing_behind(tmp_path: Path) -> None:
         f.write(data[:100])
         raise ConnectionError("source went away")
 
-    assert isinstance(CacheDigestMismatch("x"), ValueError)
+    # One error type for the engine to catch, never retried as if the network had failed.
+    assert issubclass(CacheDigestMismatch, DigestMismatch) and not CacheDigestMismatch("x").temporary
     assert cache.get(d) is None
     assert temps(cache) == []
     assert cache.usage() == (0, 0)

@@ -31,6 +31,7 @@ from typing import BinaryIO
 from typing_extensions import Buffer
 
 from config.reference import DIGEST_RE
+from workers.engine.errors import DigestMismatch
 
 _TMP_PREFIX = ".tmp-"
 # A temp file untouched this long belongs to a writer that died.
@@ -38,7 +39,7 @@ STALE_TEMP_SECONDS = 3600.0
 _CHUNK = 1024 * 1024
 
 
-class CacheDigestMismatch(ValueError):
+class CacheDigestMismatch(DigestMismatch):
     """The bytes written to the cache do not match the expected digest or size."""
 
 
