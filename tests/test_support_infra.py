@@ -1,0 +1,303 @@
+"""The test infrastructure itself: fault proxy over a real registry."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.faultproxy import (
+    FaultProxy,
+    Rule,
+    corrupt,
+    delay,
+    drop_after,
+    hangup,
+    max_in_window,
+    stall,
+    status,
+    too_many_requests,
+)
+from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST, Image, Pusher, push_image, sha
+from tests.support.procs import wait_until
+from tests.support.registry import Registry
+
+ACCEPT = {"Accept": f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"}
+
+
+@pytest.fixture
+def proxy(src: Registry) -> Iterator[FaultProxy]:
+    with FaultProxy(src.host) as p:
+        yield p
+    assert p.errors == []
+
+
+@pytest.fixture
+def image(src_pusher: Pusher) -> Image:
+    return push_image(src_pusher, "lib/app", layers=2, layer_size=256 * 1024)
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=10) as c:
+        yield c
+
+
+def blob_url(proxy: FaultProxy, image: Image, i: int = 1) -> str:
+    return f"{proxy.url}/v2/{image.repo}/blobs/{image.blobs[i]}"
+
+
+# ---- forwarding ------------------------------------------------------------------------------
+
+def test_pull_through_proxy_is_byte_exact_over_one_connection(
+        proxy: FaultProxy, image: Image, client: httpx.Client) -> None:
+    r = client.get(f"{proxy.url}/v2/{image.repo}/manifests/{image.tag}", headers=ACCEPT)
+    assert r.status_code == 200
+    assert sha(r.content) == image.digest == r.headers["Docker-Content-Digest"]
+    manifest = json.loads(r.content)
+    for desc in [manifest["config"], *manifest["layers"]]:
+        with client.stream("GET", f"{proxy.url}/v2/{image.repo}/blobs/{desc['digest']}") as b:
+            assert b.status_code == 200
+            data = b.read()
+        assert sha(data) == desc["digest"] and len(data) == desc["size"]
+    assert proxy.count("GET", r"/manifests/") == 1
+    assert proxy.count("GET", r"/blobs/sha256:", status=200) == 3
+    assert proxy.connections == 1  # keep-alive held across every request
+
+
+def test_push_through_proxy_rewrites_location_and_streams_chunked_uploads(
+        src: Registry, proxy: FaultProxy, client: httpx.Client) -> None:
+    r = client.post(f"{proxy.url}/v2/up/blobs/uploads/")
+    assert r.status_code == 202
+    loc = r.headers["Location"]
+    assert loc.startswith(proxy.url + "/v2/up/blobs/uploads/")
+    data = bytes(range(256)) * 4096  # 1 MiB, sent in chunked pieces
+
+    def pieces() -> Iterator[bytes]:
+        for i in range(0, len(data), 100_000):
+            yield data[i:i + 100_000]
+
+    r = client.patch(loc, content=pieces(), headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 202
+    assert r.headers["Location"].startswith(proxy.url)
+    r = client.put(httpx.URL(r.headers["Location"]).copy_merge_params({"digest": sha(data)}))
+    assert r.status_code == 201
+    assert src.has_blob("up", sha(data))
+
+    # A whole image pushed through the proxy (POST + monolithic PUT per blob, then the manifest).
+    pusher = Pusher(proxy.url, client)
+    img = push_image(pusher, "lib/pushed", oci=False)
+    assert src.manifest_digest("lib/pushed", "v1") == img.digest
+    assert all(src.has_blob("lib/pushed", b) for b in img.blobs)
+    assert proxy.count("PUT", r"/lib/pushed/blobs/uploads/") == len(img.blobs)
+    assert proxy.count("PUT", r"/lib/pushed/manifests/v1$", status=201) == 1
+    assert proxy.connections == 1
+
+
+@pytest.fixture
+def many_tags(src_pusher: Pusher, image: Image, client: httpx.Client, src: Registry) -> bytes:
+    """Enough tags that distribution sends the tag list chunked (no Content-Length)."""
+    body = client.get(f"{src.url}/v2/{image.repo}/manifests/{image.tag}", headers=ACCEPT).content
+    for i in range(60):
+        src_pusher.manifest(image.repo, f"tag-{i:03d}-{'x' * 40}", body, image.media_type)
+    return client.get(f"{src.url}/v2/{image.repo}/tags/list").content
+
+
+def test_chunked_responses_are_relayed(
+        proxy: FaultProxy, image: Image, many_tags: bytes, client: httpx.Client) -> None:
+    r = client.get(f"{proxy.url}/v2/{image.repo}/tags/list")
+    assert r.headers.get("Transfer-Encoding") == "chunked"
+    assert r.content == many_tags
+
+    proxy.add_rule(Rule(corrupt(10), path_re="/tags/list", times=1))
+    assert client.get(f"{proxy.url}/v2/{image.repo}/tags/list").content[10] == many_tags[10] ^ 0xFF
+
+    proxy.add_rule(Rule(drop_after(100), path_re="/tags/list", times=1))
+    got = bytearray()
+    with pytest.raises(httpx.RemoteProtocolError), \
+            client.stream("GET", f"{proxy.url}/v2/{image.repo}/tags/list") as r:
+        for piece in r.iter_bytes():
+            got += piece
+    assert bytes(got) == many_tags[:100]
+    assert client.get(f"{proxy.url}/v2/{image.repo}/tags/list").content == many_tags
+
+
+# ---- faults ----------------------------------------------------------------------------------
+
+def test_status_answers_without_forwarding_for_the_first_n_matches(
+        proxy: FaultProxy, image: Image, client: httpx.Client) -> None:
+    rule = proxy.add_rule(Rule(too_many_requests("2"), method="GET", path_re=r"/blobs/sha256:", times=2))
+    codes = [client.get(blob_url(proxy, image)) for _ in range(3)]
+    assert [r.status_code for r in codes] == [429, 429, 200]
+    assert codes[0].headers["Retry-After"] == "2"
+    assert codes[0].json()["errors"][0]["code"] == "TOOMANYREQUESTS"
+    assert sha(codes[2].content) == image.blobs[1]
+    assert rule.hits == 2
+    assert proxy.count(status=429) == 2 and proxy.count(status=200) == 1
+    assert [s.faults for s in proxy.requests] == [("status",), ("status",), ()]
+
+    # An answered upload drains its body, so the same connection carries on cleanly.
+    proxy.add_rule(Rule(status(503, body=b"busy"), method="PUT"))
+    r = client.put(f"{proxy.url}/v2/lib/app/manifests/x", content=b"y" * 300_000)
+    assert (r.status_code, r.content) == (503, b"busy")
+    assert client.get(blob_url(proxy, image)).status_code == 200
+    assert proxy.connections == 1
+
+
+def test_hangup_closes_without_a_response(proxy: FaultProxy, image: Image, client: httpx.Client) -> None:
+    proxy.add_rule(Rule(hangup(), method="HEAD", times=1))
+    with pytest.raises(httpx.RemoteProtocolError):
+        client.head(blob_url(proxy, image))
+    assert client.head(blob_url(proxy, image)).status_code == 200
+    assert [s.status for s in proxy.requests] == [0, 200]
+
+
+def test_drop_after_cuts_the_body_at_exactly_n_bytes(
+        proxy: FaultProxy, image: Image, client: httpx.Client, src: Registry) -> None:
+    full = client.get(f"{src.url}/v2/{image.repo}/blobs/{image.blobs[1]}").content
+    proxy.add_rule(Rule(drop_after(100_000), path_re=r"/blobs/", times=1))
+    got = bytearray()
+    with pytest.raises(httpx.RemoteProtocolError), client.stream("GET", blob_url(proxy, image)) as r:
+        assert r.headers["Content-Length"] == str(len(full))
+        for piece in r.iter_raw():
+            got += piece
+    assert bytes(got) == full[:100_000]
+    assert client.get(blob_url(proxy, image)).content == full
+
+
+def test_corrupt_flips_one_byte(proxy: FaultProxy, image: Image, client: httpx.Client) -> None:
+    proxy.add_rule(Rule(corrupt(200_000), path_re=r"/blobs/", times=1))
+    bad = client.get(blob_url(proxy, image)).content
+    good = client.get(blob_url(proxy, image)).content
+    assert sha(good) == image.blobs[1] and sha(bad) != image.blobs[1]
+    assert len(bad) == len(good)
+    assert [i for i in range(len(good)) if bad[i] != good[i]] == [200_000]
+
+
+def test_stall_pauses_the_body_and_delay_the_request(
+        proxy: FaultProxy, image: Image, client: httpx.Client) -> None:
+    proxy.add_rule(Rule(stall(0.6, after=1000), path_re=r"/blobs/", times=1))
+    t0 = time.monotonic()
+    with client.stream("GET", blob_url(proxy, image)) as r:
+        pieces = r.iter_raw(1000)
+        first = next(pieces)
+        t_first = time.monotonic() - t0
+        rest = b"".join(pieces)
+    assert t_first < 0.5 and time.monotonic() - t0 >= 0.6
+    assert sha(first + rest) == image.blobs[1]
+
+    # A client read timeout fires during the stall.
+    proxy.add_rule(Rule(stall(3), path_re=r"/blobs/", times=1))
+    with pytest.raises(httpx.ReadTimeout):
+        client.get(blob_url(proxy, image), timeout=httpx.Timeout(10, read=0.3))
+
+    proxy.add_rule(Rule(delay(0.4), method="HEAD", times=1))
+    t0 = time.monotonic()
+    assert client.head(blob_url(proxy, image)).status_code == 200
+    assert time.monotonic() - t0 >= 0.4
+
+
+def test_expect_continue_is_answered_then_the_body_forwarded(
+        src: Registry, proxy: FaultProxy, client: httpx.Client) -> None:
+    data = b"z" * 50_000
+    loc = httpx.URL(client.post(f"{proxy.url}/v2/exp/blobs/uploads/").headers["Location"])
+    target = loc.copy_merge_params({"digest": sha(data)}).raw_path.decode()
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s, s.makefile("rb") as f:
+        s.sendall(f"PUT {target} HTTP/1.1\r\nHost: {proxy.host}\r\nContent-Length: {len(data)}\r\n"
+                  "Expect: 100-continue\r\n\r\n".encode())
+        assert f.readline() == b"HTTP/1.1 100 Continue\r\n" and f.readline() == b"\r\n"
+        s.sendall(data)
+        assert f.readline().startswith(b"HTTP/1.1 201 ")
+    assert src.has_blob("exp", sha(data))
+
+
+def test_unreachable_upstream_is_a_502(tmp_path: Path, client: httpx.Client) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: refused
+        with FaultProxy(dead) as p:
+            assert client.get(f"{p.url}/v2/").status_code == 502
+    assert p.errors == []
+
+
+# ---- robustness and counting -----------------------------------------------------------------
+
+def test_clients_vanishing_mid_exchange_do_not_hurt_the_proxy(
+        proxy: FaultProxy, image: Image, client: httpx.Client) -> None:
+    path = f"/v2/{image.repo}/blobs/{image.blobs[1]}"
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n")  # head never finished
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        s.sendall(b"PUT /v2/a/manifests/b HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc")
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:  # leaves mid-body
+        s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.recv(10)
+    assert sha(client.get(f"{proxy.url}{path}").content) == image.blobs[1]
+    assert proxy.count("GET", r"/blobs/") == 2
+
+
+def test_stop_closes_idle_and_stalled_connections(src: Registry, image: Image) -> None:
+    p = FaultProxy(src.host).start()
+    p.add_rule(Rule(stall(60), path_re=r"/blobs/"))
+    outcome: list[BaseException] = []
+
+    def stalled_get() -> None:
+        with httpx.Client(timeout=30) as c:
+            try:
+                c.get(blob_url(p, image))
+            except httpx.HTTPError as e:
+                outcome.append(e)
+
+    t = threading.Thread(target=stalled_get)
+    with socket.create_connection(("127.0.0.1", p.port)) as idle:
+        t.start()
+        wait_until(lambda: p.count("GET") == 1, 5, "the stalled request")
+        t0 = time.monotonic()
+        p.stop()
+        t.join(5)
+        assert time.monotonic() - t0 < 3
+        assert idle.recv(1) == b""  # closed by the proxy
+    assert [type(e) for e in outcome] == [httpx.RemoteProtocolError]
+    assert p.errors == []
+
+
+def test_counts_are_exact_under_concurrency(proxy: FaultProxy, image: Image) -> None:
+    url = blob_url(proxy, image, 0)
+
+    def worker() -> None:
+        with httpx.Client(timeout=10) as c:
+            for _ in range(10):
+                assert c.head(url).status_code == 200
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert proxy.count("HEAD", r"/blobs/") == 60
+    assert proxy.count() == 60 and proxy.connections == 6
+    assert 1 <= proxy.max_in_flight("HEAD") <= 6
+    assert proxy.max_rate(60.0) == 60
+    proxy.reset_counts()
+    assert proxy.count() == 0
+
+
+def test_max_in_window() -> None:
+    assert max_in_window([], 1.0) == 0
+    assert max_in_window([0.0, 0.5, 0.99, 1.0, 1.2, 5.0], 1.0) == 4  # [0.5, 1.5)
+    assert max_in_window([0.0, 1.0, 2.0], 1.0) == 1  # windows are half-open
+    assert max_in_window([3.0, 1.0, 2.0], 10.0) == 3
+
+
+def test_rate_of_requests_is_observed(proxy: FaultProxy, image: Image, client: httpx.Client) -> None:
+    for _ in range(4):
+        client.head(blob_url(proxy, image))
+        time.sleep(0.25)
+    assert proxy.max_rate(0.2, "HEAD") == 1
+    assert proxy.max_rate(10.0, "HEAD") == 4
