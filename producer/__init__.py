@@ -1,0 +1,1 @@
+"""Producer: reads an image list and enqueues one sync job per image."""
