@@ -284,6 +284,7 @@ def test_counts_are_exact_under_concurrency(proxy: FaultProxy, image: Image) -> 
         t.join()
     assert proxy.count("HEAD", r"/blobs/") == 60
     assert proxy.count() == 60 and proxy.connections == 6
+    proxy.wait_idle()
     assert 1 <= proxy.max_in_flight("HEAD") <= 6
     assert proxy.max_rate(60.0) == 60
     proxy.reset_counts()

@@ -244,6 +244,14 @@ class FaultProxy:
               status: int | None = None) -> int:
         return len(self.select(method, path_re, status))
 
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until every recorded request is finished (``end`` lands just after the last byte)."""
+        deadline = time.monotonic() + timeout
+        while any(s.end is None for s in self.requests):
+            if time.monotonic() > deadline:
+                raise TimeoutError("requests still in flight through the proxy")
+            time.sleep(0.01)
+
     def max_rate(self, window: float, method: str | None = None, path_re: str | None = None) -> int:
         """Most matching requests that arrived within any ``window`` seconds."""
         return max_in_window([s.start for s in self.select(method, path_re)], window)
@@ -337,11 +345,11 @@ class FaultProxy:
         lines += [f"{k}: {v}" for k, v in answer.headers.items()]
         if not keep_alive:
             lines.append("Connection: close")
+        self._update(seen, status=answer.code)  # before the client can see it
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         if method != "HEAD":
             writer.write(answer.body)
         await writer.drain()
-        self._update(seen, status=answer.code)
 
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen,
                        actions: tuple[Action, ...], method: str, target: str, headers: Headers,
@@ -378,9 +386,9 @@ class FaultProxy:
                 keep_alive = False
             if not keep_alive:
                 out.append(("Connection", "close"))
+            self._update(seen, status=code)
             writer.write(_head(status_line, out))
             await writer.drain()
-            self._update(seen, status=code)
             async with contextlib.aclosing(_decoded_body(up_r, resp_headers, framing)) as payload:
                 await _send_body(writer, payload, framing == "chunked", actions)
             done = True
