@@ -39,6 +39,12 @@ _DOMAIN_RE = re.compile(rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a
 _PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _PATH_COMPONENT_RE = re.compile(_PATH_COMPONENT)
 _REPOSITORY_RE = re.compile(rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*")
+# A strict subset of the grammar: lowercase dotted hosts or localhost, sha256 digests.
+_FAST_HOST = r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?::[0-9]+)?|localhost(?::[0-9]+)?"
+_FAST_RE = re.compile(
+    rf"(?:(?P<host>{_FAST_HOST})/)?(?P<path>{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[a-f0-9]{64}))?"
+)
 # Go's \w is ASCII-only; spell it out so Python's Unicode \w does not widen it.
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST_SHAPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}")
@@ -186,6 +192,41 @@ class Reference:
     @classmethod
     def parse(cls, text: str) -> Reference:
         """Parse what a person would give ``docker pull``; a bare name gets the tag ``latest``."""
+        # Lists hold up to 100k lines: common shapes take one regex match, the rest the full path.
+        if len(text) <= _INPUT_MAX:
+            match = _FAST_RE.fullmatch(text)
+            if match is not None:
+                fast = cls._from_fast_match(text, match)
+                if fast is not None:
+                    return fast
+        return cls._parse_full(text)
+
+    @classmethod
+    def _from_fast_match(cls, text: str, match: re.Match[str]) -> Reference | None:
+        host, repository, tag, digest = match.group("host", "path", "tag", "digest")
+        if host is None:
+            first, slash, _ = repository.partition("/")
+            if slash and "." in first:
+                return None  # docker reads a dotted first element as a host: leave it to the full path
+            registry = DOCKER_HUB
+        else:
+            registry = normalize_registry(host)
+        if registry == DOCKER_HUB and "/" not in repository:
+            repository = OFFICIAL_PREFIX + repository
+        if len(registry) + 1 + len(repository) > NAME_MAX or _IMAGE_ID_RE.fullmatch(text):
+            return None
+        if tag is None and digest is None:
+            tag = DEFAULT_TAG
+        # Every part matched a pattern no looser than the full checks, so skip re-validating.
+        ref = object.__new__(cls)
+        object.__setattr__(ref, "registry", registry)
+        object.__setattr__(ref, "repository", repository)
+        object.__setattr__(ref, "tag", tag)
+        object.__setattr__(ref, "digest", digest)
+        return ref
+
+    @classmethod
+    def _parse_full(cls, text: str) -> Reference:
         reason = _parse_problem(text)
         if reason is not None:
             raise ReferenceError(text, reason)

@@ -69,12 +69,22 @@ class _LineProblem(Exception):
     pass
 
 
+_Key = tuple[str, str, str | None, str | None, str | None, frozenset[Platform] | None]
+
+
+def _key(entry: ListEntry) -> _Key:
+    # Plain strings hash in C; hashing the dataclasses costs a Python call per line.
+    src, dst = entry.source, entry.destination
+    platforms = frozenset(entry.platforms) if entry.platforms else None
+    return (src.registry, src.repository, src.tag, src.digest, str(dst) if dst else None, platforms)
+
+
 def parse_list(data: bytes, *, max_lines: int = 100_000, max_line_length: int = 4096) -> ParsedList:
     """Parse list-file bytes; raise ListFileError naming every bad line."""
     result = ParsedList()
     errors: list[LineError] = []
     # Key -> line number of the first entry with that source, destination and platforms.
-    seen: dict[tuple[Reference, Reference | None, frozenset[Platform] | None], int] = {}
+    seen: dict[_Key, int] = {}
     images = 0
     for number, text, content in _lines(data, max_line_length, errors):
         images += 1
@@ -86,8 +96,7 @@ def parse_list(data: bytes, *, max_lines: int = 100_000, max_line_length: int = 
         except _LineProblem as exc:
             errors.append(LineError(number, text, str(exc)))
             continue
-        key = (entry.source, entry.destination, frozenset(entry.platforms) if entry.platforms else None)
-        first = seen.setdefault(key, number)
+        first = seen.setdefault(_key(entry), number)
         if first != number:
             result.warnings.append(f"line {number} repeats line {first} ({_shorten(text)}); ignored")
             continue

@@ -8,6 +8,8 @@ normalised form (``docker pull`` semantics) that ferry uses.
 from __future__ import annotations
 
 import pickle
+import random
+from collections.abc import Callable
 
 import pytest
 
@@ -464,3 +466,52 @@ def test_errors_survive_pickling() -> None:
         Platform.parse("linux")
     plat_copy = pickle.loads(pickle.dumps(plat_info.value))
     assert (plat_copy.text, plat_copy.reason) == ("linux", plat_info.value.reason)
+
+
+def _outcome(parse: Callable[[str], Reference], text: str) -> object:
+    try:
+        return parse(text)
+    except ReferenceError as exc:
+        return ("error", exc.reason)
+
+
+def _corpus() -> list[str]:
+    rng = random.Random(20240601)
+    pieces = [
+        "a",
+        "b",
+        "z9",
+        "B",
+        ".",
+        "-",
+        "_",
+        "__",
+        ":",
+        "/",
+        "@",
+        "5000",
+        "localhost",
+        "docker.io",
+        "library",
+        "index.docker.io",
+        "x.y",
+        "[::1]",
+        "v1.2",
+        SHA,
+        "sha256:",
+        "sha512:",
+        "f" * 64,
+    ]
+    texts = [v[0] for v in VALID] + [v[0] for v in INVALID]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 8))) for _ in range(20_000)]
+    return texts
+
+
+def test_fast_path_agrees_with_the_full_grammar() -> None:
+    # parse() answers common shapes with one regex; it must never differ from the full rules.
+    parsed = 0
+    for text in _corpus():
+        outcome = _outcome(Reference.parse, text)
+        assert outcome == _outcome(Reference._parse_full, text), text
+        parsed += isinstance(outcome, Reference)
+    assert parsed > 1000  # the corpus exercises both valid and invalid shapes
