@@ -240,6 +240,9 @@ def test_clients_vanishing_mid_exchange_do_not_hurt_the_proxy(
     with socket.create_connection(("127.0.0.1", proxy.port)) as s:  # leaves mid-body
         s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         s.recv(10)
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s, s.makefile("rb") as f:
+        s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a TLS ClientHello's start
+        assert f.readline() == b"HTTP/1.0 400 Bad Request\r\n"  # at once: the client falls back to HTTP
     assert sha(client.get(f"{proxy.url}{path}").content) == image.blobs[1]
     assert proxy.count("GET", r"/blobs/") == 2
 

@@ -289,8 +289,15 @@ class FaultProxy:
         self.connections += 1
         clean = False
         try:
-            while await self._exchange(reader, writer):
-                pass
+            first = await reader.read(1)
+            if first == b"\x16":
+                # A TLS ClientHello (docker tries https first): refuse at once, as Go servers do,
+                # so the client falls back to plain HTTP instead of waiting out its handshake timeout.
+                writer.write(b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
+                await writer.drain()
+            elif first:
+                while await self._exchange(reader, writer, first):
+                    first = b""
             clean = True
         except _Cut:
             clean = True
@@ -304,9 +311,10 @@ class FaultProxy:
             await _close(writer, abort=not clean)
             self._tasks.discard(task)
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """Serve one request; returns whether the client connection stays open."""
-        head = await _read_head(reader)
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        first: bytes = b"") -> bool:
+        """Serve one request (``first``: bytes of it already read); returns whether to keep the connection."""
+        head = await _read_head(reader, first)
         if head is None:
             return False
         method, target, version, headers = _parse_request(head)
@@ -412,12 +420,12 @@ async def _close(w: asyncio.StreamWriter, abort: bool) -> None:
         await asyncio.wait_for(w.wait_closed(), 5)
 
 
-async def _read_head(r: asyncio.StreamReader) -> bytes | None:
+async def _read_head(r: asyncio.StreamReader, first: bytes = b"") -> bytes | None:
     """The head up to the blank line, or None on a clean EOF between messages."""
     try:
-        data = await r.readuntil(b"\r\n\r\n")
+        data = first + await r.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as e:
-        if e.partial.strip():
+        if (first + e.partial).strip():
             raise
         return None
     return data.lstrip(b"\r\n")
