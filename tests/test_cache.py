@@ -121,6 +121,22 @@ def test_write_verifies_and_publishes_atomically(tmp_path: Path) -> None:
     assert cache.usage() == (len(data) + 10, 2)
 
 
+def test_other_digest_algorithms_have_their_own_directories(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "c", policy(keep_bytes=0))
+    data = b"long digest" * 50
+    for algorithm in ("sha384", "sha512"):
+        d = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+        with cache.writer(d, len(data)) as f:
+            f.write(data)
+        assert cache.get(d) == tmp_path / "c" / algorithm / d.partition(":")[2]
+        # The same bytes under another algorithm's name are a mismatch, not an alias.
+        wrong = f"{algorithm}:" + digest_of(data).removeprefix("sha256:").ljust(len(d) - len(algorithm) - 1, "0")
+        with pytest.raises(CacheDigestMismatch), cache.writer(wrong, len(data)) as f:
+            f.write(data)
+    assert cache.usage() == (2 * len(data), 2)
+    assert cache.cleanup().freed_items == 2
+
+
 def test_mismatches_and_failures_leave_nothing_behind(tmp_path: Path) -> None:
     cache = BlobCache(tmp_path / "c", policy())
     data = b"real content" * 1000
@@ -150,7 +166,9 @@ def test_mismatches_and_failures_leave_nothing_behind(tmp_path: Path) -> None:
     "sha256:" + "A" * 64,
     "sha256:" + "a" * 64 + "/../x",
     "sha256:" + "a" * 64 + "\n",
-    "sha512:" + "a" * 128,  # valid OCI digest, but this cache stores sha256 only
+    "sha512:" + "a" * 127,
+    "sha1:" + "a" * 40,
+    "md5:" + "a" * 32,
     "/etc/passwd",
     "",
 ])

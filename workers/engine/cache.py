@@ -2,9 +2,9 @@
 
 Layout under ``root``::
 
-    sha256/<hex>            complete, verified blobs (mtime = last use)
+    sha256/<hex>            complete, verified blobs (mtime = last use); also sha384/, sha512/
     sha256/.tmp-<hex>-*     writes in progress (same dir, so the final rename is atomic)
-    leases/<hex>            lock files: a shared flock marks the blob in use
+    leases/sha256-<hex>     lock files: a shared flock marks the blob in use
     .cleanup.lock           one cleanup at a time per node
 
 Garbage collection follows BuildKit's policy names: entries unused for
@@ -36,7 +36,8 @@ from workers.engine.errors import DigestMismatch
 _TMP_PREFIX = ".tmp-"
 # A temp file untouched this long belongs to a writer that died.
 STALE_TEMP_SECONDS = 3600.0
-_CHUNK = 1024 * 1024
+# The digest algorithms DIGEST_RE admits, each with its own directory.
+_ALGORITHMS = ("sha256", "sha384", "sha512")
 
 
 class CacheDigestMismatch(DigestMismatch):
@@ -61,19 +62,43 @@ class CleanupStats:
     errors: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _hex_of(digest: str) -> str:
-    """Validate before any path is built: only ``sha256:<64 lowercase hex>`` is accepted."""
-    if not isinstance(digest, str) or not digest.startswith("sha256:") or not DIGEST_RE.match(digest):
+@dataclass(frozen=True, order=True)
+class _Key:
+    """A validated digest: ``algorithm`` names the directory, ``hex`` the file."""
+
+    algorithm: str
+    hex: str
+
+    @property
+    def lease_name(self) -> str:
+        return f"{self.algorithm}-{self.hex}"
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+
+def _key(digest: str) -> _Key:
+    """Validate before any path is built: only ``<sha256|sha384|sha512>:<lowercase hex>`` passes."""
+    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
         raise ValueError(f"invalid blob digest: {digest!r}")
-    return digest.removeprefix("sha256:")
+    algorithm, _, hexd = digest.partition(":")
+    return _Key(algorithm, hexd)
+
+
+def _key_from_name(algorithm: str, name: str) -> _Key | None:
+    """The key a file or temp-file name stands for, or None for anything else."""
+    try:
+        return _key(f"{algorithm}:{name}")
+    except ValueError:
+        return None
 
 
 class _HashingFile(io.FileIO):
     """A raw file that hashes what it writes and refuses to grow past the expected size."""
 
-    def __init__(self, fd: int, limit: int | None) -> None:
+    def __init__(self, fd: int, algorithm: str, limit: int | None) -> None:
         super().__init__(fd, "wb", closefd=True)
-        self.hasher = hashlib.sha256()
+        self.hasher = hashlib.new(algorithm)
         self.written = 0
         self._limit = limit
 
@@ -96,15 +121,18 @@ class BlobCache:
     def __init__(self, root: Path, policy: CachePolicy) -> None:
         self.root = Path(root)
         self.policy = policy
-        self._blobs = self.root / "sha256"
         self._leases = self.root / "leases"
-        self._blobs.mkdir(parents=True, exist_ok=True)
         self._leases.mkdir(parents=True, exist_ok=True)
+        for algorithm in _ALGORITHMS:
+            (self.root / algorithm).mkdir(exist_ok=True)
+
+    def _path(self, key: _Key) -> Path:
+        return self.root / key.algorithm / key.hex
 
     # -- lookups -----------------------------------------------------------------------
 
     def path_for(self, digest: str) -> Path:
-        return self._blobs / _hex_of(digest)
+        return self._path(_key(digest))
 
     def get(self, digest: str) -> Path | None:
         """The blob's path when it is complete; marks it recently used."""
@@ -130,19 +158,19 @@ class BlobCache:
     @contextlib.contextmanager
     def lease(self, digest: str) -> Iterator[None]:
         """Hold the blob in use (shared flock) so no cleanup on this node removes it."""
-        fd = self._open_locked(_hex_of(digest), fcntl.LOCK_SH)
+        fd = self._open_locked(_key(digest), fcntl.LOCK_SH)
         try:
             yield
         finally:
             os.close(fd)
 
-    def _open_locked(self, hexd: str, op: int) -> int:
+    def _open_locked(self, key: _Key, op: int) -> int:
         """Open and flock the lease file; return the fd, or raise BlockingIOError (non-blocking op).
 
         Cleanup unlinks lease files while holding them exclusively, so after locking we
         check the path still names our inode; if not, we locked an orphan and retry.
         """
-        path = self._leases / hexd
+        path = self._leases / key.lease_name
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
@@ -158,16 +186,16 @@ class BlobCache:
                 return fd
             os.close(fd)
 
-    def _try_exclusive(self, hexd: str) -> int | None:
+    def _try_exclusive(self, key: _Key) -> int | None:
         try:
-            return self._open_locked(hexd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return self._open_locked(key, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return None
 
-    def _release_exclusive(self, hexd: str, fd: int) -> None:
+    def _release_exclusive(self, key: _Key, fd: int) -> None:
         """Drop a lease file we hold exclusively (nobody uses the blob now)."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._leases / hexd)
+            os.unlink(self._leases / key.lease_name)
         os.close(fd)
 
     # -- writing -----------------------------------------------------------------------
@@ -179,19 +207,19 @@ class BlobCache:
         On an exception or a size/digest mismatch the partial file is removed and the
         error raised. If another process completed the same blob first, ours is dropped.
         """
-        hexd = _hex_of(digest)
-        final = self._blobs / hexd
+        key = _key(digest)
+        final = self._path(key)
         with self.lease(digest):
-            tmp = self._blobs / f"{_TMP_PREFIX}{hexd}-{os.getpid()}-{secrets.token_hex(4)}"
+            tmp = final.with_name(f"{_TMP_PREFIX}{key.hex}-{os.getpid()}-{secrets.token_hex(4)}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            f = _HashingFile(fd, size)
+            f = _HashingFile(fd, key.algorithm, size)
             try:
                 try:
                     yield f
                     if size is not None and f.written != size:
                         raise CacheDigestMismatch(
                             f"blob {digest}: wrote {f.written} bytes, expected {size}")
-                    got = "sha256:" + f.hasher.hexdigest()
+                    got = f"{key.algorithm}:{f.hasher.hexdigest()}"
                     if got != digest:
                         raise CacheDigestMismatch(f"blob {digest}: content hashes to {got}")
                     os.fsync(f.fileno())
@@ -208,17 +236,23 @@ class BlobCache:
 
     # -- garbage collection ------------------------------------------------------------
 
-    def _entries(self) -> Iterator[tuple[float, int, str]]:
-        """(mtime, size, hex) of every complete blob."""
-        with os.scandir(self._blobs) as it:
-            for e in it:
-                if e.name.startswith(_TMP_PREFIX):
-                    continue
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                yield st.st_mtime, st.st_size, e.name
+    def _scan(self) -> Iterator[tuple[str, os.DirEntry[str]]]:
+        for algorithm in _ALGORITHMS:
+            with contextlib.suppress(FileNotFoundError), os.scandir(self.root / algorithm) as it:
+                for e in it:
+                    yield algorithm, e
+
+    def _entries(self) -> Iterator[tuple[float, int, _Key]]:
+        """(mtime, size, key) of every complete blob."""
+        for algorithm, e in self._scan():
+            key = _key_from_name(algorithm, e.name)
+            if key is None:
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield st.st_mtime, st.st_size, key
 
     def cleanup(self, now: float | None = None) -> CleanupStats:
         """Apply the policy once; returns zero stats if another cleanup is running."""
@@ -237,9 +271,11 @@ class BlobCache:
         freed_bytes = freed_items = 0
         errors: list[str] = []
 
-        def remove(hexd: str, path: Path, seen_mtime: float | None = None) -> int | None:
-            """Delete ``path`` unless ``hexd`` is leased or was used since we looked; bytes freed."""
-            fd = self._try_exclusive(hexd)
+        def remove(key: _Key | None, path: Path, seen_mtime: float | None = None) -> int | None:
+            """Delete ``path`` unless ``key`` is leased or was used since we looked; bytes freed."""
+            if key is None:
+                return _unlink(path, errors)
+            fd = self._try_exclusive(key)
             if fd is None:
                 return None
             try:
@@ -254,50 +290,44 @@ class BlobCache:
                 errors.append(f"{path.name}: {e.strerror or e}")
                 return None
             finally:
-                self._release_exclusive(hexd, fd)
+                self._release_exclusive(key, fd)
 
-        # Temp files left by writers that died.
-        with os.scandir(self._blobs) as it:
-            temps = [e for e in it if e.name.startswith(_TMP_PREFIX)]
-        for e in temps:
+        # Temp files left by writers that died; a live writer holds its blob's lease.
+        temps = [(a, e) for a, e in self._scan() if e.name.startswith(_TMP_PREFIX)]
+        for algorithm, e in temps:
             try:
                 st = e.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
             if now - st.st_mtime < STALE_TEMP_SECONDS:
                 continue
-            hexd = e.name[len(_TMP_PREFIX):len(_TMP_PREFIX) + 64]
-            try:
-                _hex_of("sha256:" + hexd)
-            except ValueError:
-                hexd = ""
+            hexd = e.name.removeprefix(_TMP_PREFIX).split("-", 1)[0]
             # A name we cannot parse is not a live writer's; old enough to be garbage anyway.
-            got = remove(hexd, Path(e.path)) if hexd else _unlink(Path(e.path), errors)
+            got = remove(_key_from_name(algorithm, hexd), Path(e.path))
             if got is not None:
                 freed_bytes += got
                 freed_items += 1
 
-        entries = sorted(self._entries())  # oldest first
-        kept: list[tuple[float, int, str]] = []
-        for mtime, size, hexd in entries:
+        kept: list[tuple[float, int, _Key]] = []
+        for mtime, size, key in sorted(self._entries()):  # oldest first
             if now - mtime > self.policy.keep_duration:
-                got = remove(hexd, self._blobs / hexd, mtime)
+                got = remove(key, self._path(key), mtime)
                 if got is not None:
                     freed_bytes += got
                     freed_items += 1
                     continue
-            kept.append((mtime, size, hexd))
+            kept.append((mtime, size, key))
 
         total = sum(s for _, s, _ in kept)
         free = self.free_bytes()
-        survivors: list[tuple[float, int, str]] = []
-        for mtime, size, hexd in kept:
+        survivors: list[tuple[float, int, _Key]] = []
+        for mtime, size, key in kept:
             if total <= self.policy.keep_bytes and free >= self.policy.min_free_bytes:
-                survivors.append((mtime, size, hexd))
+                survivors.append((mtime, size, key))
                 continue
-            got = remove(hexd, self._blobs / hexd, mtime)
+            got = remove(key, self._path(key), mtime)
             if got is None:
-                survivors.append((mtime, size, hexd))
+                survivors.append((mtime, size, key))
                 continue
             total -= size
             free += got
@@ -317,16 +347,14 @@ class BlobCache:
         """Remove lease files of blobs that are gone and that nobody holds."""
         with os.scandir(self._leases) as it:
             names = [e.name for e in it]
-        for hexd in names:
-            if (self._blobs / hexd).exists():
+        for name in names:
+            algorithm, _, hexd = name.partition("-")
+            key = _key_from_name(algorithm, hexd)
+            if key is None or self._path(key).exists():
                 continue
-            try:
-                _hex_of("sha256:" + hexd)
-            except ValueError:
-                continue
-            fd = self._try_exclusive(hexd)
+            fd = self._try_exclusive(key)
             if fd is not None:
-                self._release_exclusive(hexd, fd)
+                self._release_exclusive(key, fd)
 
 
 def _unlink(path: Path, errors: list[str]) -> int | None:
