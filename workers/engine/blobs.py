@@ -371,7 +371,8 @@ class BlobCopier:
                     raise DigestMismatch(f"blob {digest} at the source is shorter than its "
                                          f"descriptor says", reference=str(src)) from None
                 raise
-            it = r.iter_bytes(PIECE_SIZE)
+            # No chunk size: pieces come as they arrive, so a cut loses nothing already read.
+            it = r.iter_bytes()
             if offset and r.status_code == 200:
                 it = _skip(it, offset)  # no Range support: read past what was sent
             return it, r.close

@@ -13,11 +13,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import httpx
 
 from config.reference import host_is_loopback
+from workers.engine.auth import AnonymousKeychain, Keychain, RegistryAuth
 from workers.engine.errors import RegistryError, error_from_response, transport_error
 from workers.engine.retry import RetryPolicy
 
@@ -26,19 +26,13 @@ DEFAULT_USER_AGENT = f"ferry/{VERSION}"
 MAX_CONNECTIONS_PER_HOST = 16
 
 
-class Keychain(Protocol):
-    """Where credentials for a registry come from (resolved on the worker only)."""
-
-    def resolve(self, registry: str) -> Any: ...
+# Builds the httpx.Auth for one registry host (and whether it is plain HTTP).
+AuthFactory = Callable[[str, Keychain, bool], httpx.Auth | None]
 
 
-# Builds the httpx.Auth for one registry host; None sends requests anonymously.
-AuthFactory = Callable[[str, "Keychain | None"], httpx.Auth | None]
-
-
-def default_auth(registry: str, keychain: Keychain | None) -> httpx.Auth | None:
+def default_auth(registry: str, keychain: Keychain, insecure: bool) -> httpx.Auth | None:
     """The auth every registry client gets: token and basic challenges for ``registry``."""
-    return None
+    return RegistryAuth(registry, keychain, insecure=insecure)
 
 
 @dataclass(frozen=True)
@@ -81,7 +75,7 @@ class RegistryTransport:
         max_connections: int = MAX_CONNECTIONS_PER_HOST,
         auth_factory: AuthFactory = default_auth,
     ) -> None:
-        self.keychain = keychain
+        self.keychain: Keychain = keychain or AnonymousKeychain()
         self.insecure = frozenset(insecure_registries)
         self.retry = retry or RetryPolicy()
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
@@ -89,6 +83,7 @@ class RegistryTransport:
         self.max_connections = max_connections
         self._auth_factory = auth_factory
         self._clients: dict[str, httpx.Client] = {}
+        self._auths: list[httpx.Auth] = []
         self._quotas: dict[str, RateQuota] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -119,10 +114,13 @@ class RegistryTransport:
         )
         # retries=0: RetryPolicy is the only place that retries.
         transport = httpx.HTTPTransport(verify=True, limits=limits, retries=0)
+        auth = self._auth_factory(host, self.keychain, self.scheme(host) == "http")
+        if auth is not None:
+            self._auths.append(auth)
         return httpx.Client(
             base_url=self.base_url(host),
             transport=transport,
-            auth=self._auth_factory(host, self.keychain),
+            auth=auth,
             timeout=self.timeout,
             headers={"User-Agent": self.user_agent},
             # httpx drops Authorization when a redirect leaves the origin (blob storage URLs).
@@ -133,8 +131,13 @@ class RegistryTransport:
         with self._lock:
             self._closed = True
             clients, self._clients = list(self._clients.values()), {}
+            auths, self._auths = self._auths, []
         for c in clients:
             c.close()
+        for a in auths:
+            close = getattr(a, "close", None)
+            if callable(close):
+                close()
 
     # -- quota ---------------------------------------------------------------------
 
