@@ -1,0 +1,244 @@
+"""Copying one image (a manifest, or an index and everything under it) to destinations.
+
+Cheapest first: HEAD the source and each destination (HEADs do not count against
+Docker Hub's pull quota) and stop when the digests agree. Otherwise fetch the
+manifest tree by digest, copy the blobs with bounded concurrency, push child
+manifests before their parents and the tag last, so a destination never shows a
+tag whose content is incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Executor, Future, wait
+from dataclasses import dataclass, field
+
+from config.jobs import DestinationResult
+from config.reference import Platform, Reference
+from workers.engine.blobs import BlobCopier, BlobResult
+from workers.engine.errors import ManifestError, NotFound, RegistryError
+from workers.engine.manifests import (
+    Descriptor,
+    Manifest,
+    get_manifest,
+    head_manifest,
+    parse_manifest,
+    put_manifest,
+    sha256_digest,
+)
+from workers.engine.transport import RegistryTransport
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int], None]
+# Indexes of indexes exist (nested artifacts); deeper trees are not images.
+MAX_DEPTH = 4
+# buildx attestations point at the image they describe with this annotation.
+_REFERENCE_ANNOTATION = "vnd.docker.reference.digest"
+
+
+@dataclass
+class ImagePlan:
+    """What to push: manifests children-first, the root last, and every blob they need."""
+
+    root: Manifest
+    manifests: list[Manifest]
+    blobs: list[Descriptor]
+    digest_changed: bool
+
+
+@dataclass
+class CopyOutcome:
+    source_digest: str | None
+    destinations: list[DestinationResult] = field(default_factory=list)
+    # Per destination (its string form): the error that failed it.
+    failures: dict[str, RegistryError] = field(default_factory=dict)
+    bytes_downloaded: int = 0
+    bytes_uploaded: int = 0
+
+
+def _platform_text(p: object) -> str:
+    if not isinstance(p, dict):
+        return "unknown"
+    text = f"{p.get('os', '?')}/{p.get('architecture', '?')}"
+    return text + (f"/{p['variant']}" if p.get("variant") else "")
+
+
+def select_platforms(
+    transport: RegistryTransport, src: Reference, index: Manifest, platforms: Sequence[Platform]
+) -> Manifest:
+    """The root to push for a platform filter: the index itself when every entry matches,
+    the one matching child, or an index of the matching children (and their attestations)."""
+    keep = [c for c in index.children if c.platform and any(p.matches(c.platform) for p in platforms)]
+    if not keep:
+        available = ", ".join(sorted({_platform_text(c.platform) for c in index.children}))
+        wanted = ", ".join(str(p) for p in platforms)
+        raise NotFound(f"no manifest for platform {wanted} (the index has: {available})",
+                       reference=str(src))
+    kept = {c.digest for c in keep}
+    entries = index.doc.get("manifests", [])
+    chosen = [
+        e for e, c in zip(entries, index.children, strict=True)
+        if c.digest in kept or (e.get("annotations") or {}).get(_REFERENCE_ANNOTATION) in kept
+    ]
+    if len(chosen) == len(index.children):
+        return index
+    if len(keep) == 1:
+        return get_manifest(transport, src, keep[0].digest)
+    doc = dict(index.doc)
+    doc["manifests"] = chosen
+    # Deterministic bytes, so the next sync finds the same digest and skips.
+    raw = json.dumps(doc, indent=3).encode()
+    return parse_manifest(raw, content_type=index.media_type, digest=sha256_digest(raw))
+
+
+def plan_image(transport: RegistryTransport, src: Reference, root: Manifest) -> ImagePlan:
+    """Fetch every manifest under ``root`` and list the blobs (each once)."""
+    ordered: list[Manifest] = []
+    blobs: dict[str, Descriptor] = {}
+    seen: set[str] = set()
+
+    def walk(m: Manifest, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            raise ManifestError(f"indexes nested deeper than {MAX_DEPTH} levels", reference=str(src))
+        for child in m.children:
+            if child.digest in seen:
+                continue
+            seen.add(child.digest)
+            walk(get_manifest(transport, src, child.digest), depth + 1)
+        for b in m.blobs():
+            blobs.setdefault(b.digest, b)
+        ordered.append(m)
+
+    walk(root, 0)
+    return ImagePlan(root, ordered, list(blobs.values()), digest_changed=False)
+
+
+def copy_image(
+    transport: RegistryTransport,
+    copier: BlobCopier,
+    executor: Executor,
+    src: Reference,
+    destinations: Sequence[Reference],
+    *,
+    platforms: Sequence[Platform] = (),
+    progress: ProgressFn | None = None,
+) -> CopyOutcome:
+    """Copy ``src`` to every destination. Source failures raise; a destination's failure
+    is recorded in the outcome and the other destinations still get their copy."""
+    head = head_manifest(transport, src)
+    if head is None:
+        raise NotFound("manifest unknown", codes=["MANIFEST_UNKNOWN"], status=404, reference=str(src))
+    outcome = CopyOutcome(source_digest=head.digest)
+    src_pinned = src.with_digest(head.digest)
+
+    plan: ImagePlan | None = None
+    if platforms:
+        # The pushed digest depends on the filter, so the manifest is needed to compare.
+        manifest = get_manifest(transport, src_pinned)
+        root = select_platforms(transport, src_pinned, manifest, platforms) if manifest.is_index else manifest
+        plan = plan_image(transport, src_pinned, root)
+        plan.digest_changed = root.digest != head.digest
+        target = root.digest
+    else:
+        target = head.digest
+
+    pending: list[Reference] = []
+    for dst in destinations:
+        try:
+            dhead = head_manifest(transport, dst)
+        except RegistryError as exc:
+            _fail(outcome, dst, exc)
+            continue
+        if dhead is not None and dhead.digest == target:
+            outcome.destinations.append(DestinationResult(
+                destination=str(dst), status="up_to_date", digest=target,
+                digest_changed=target != head.digest))
+        else:
+            pending.append(dst)
+    if not pending:
+        return outcome
+    if plan is None:
+        plan = plan_image(transport, src_pinned, get_manifest(transport, src_pinned))
+
+    for dst in pending:
+        try:
+            result, downloaded = _copy_to(transport, copier, executor, src_pinned, dst, plan, progress)
+        except RegistryError as exc:
+            _fail(outcome, dst, exc)
+            continue
+        outcome.destinations.append(result)
+        outcome.bytes_uploaded += result.bytes_transferred
+        outcome.bytes_downloaded += downloaded
+    # Report in the order the destinations were given.
+    order = {str(d): i for i, d in enumerate(destinations)}
+    outcome.destinations.sort(key=lambda r: order.get(r.destination, len(order)))
+    return outcome
+
+
+def _fail(outcome: CopyOutcome, dst: Reference, exc: RegistryError) -> None:
+    exc.with_reference(dst)
+    outcome.failures[str(dst)] = exc
+    outcome.destinations.append(DestinationResult(destination=str(dst), status="failed", error=str(exc)))
+
+
+def _copy_to(
+    transport: RegistryTransport,
+    copier: BlobCopier,
+    executor: Executor,
+    src: Reference,
+    dst: Reference,
+    plan: ImagePlan,
+    progress: ProgressFn | None,
+) -> tuple[DestinationResult, int]:
+    """Push the plan to one destination; returns its result and the bytes read from the source."""
+    results = _copy_blobs(copier, executor, src, dst, plan.blobs, progress)
+    root = plan.root
+    for m in plan.manifests:
+        if m is not root:
+            put_manifest(transport, dst, m.digest, m)
+    tag = dst.tag if dst.tag is not None else (None if dst.digest else src.tag)
+    put_manifest(transport, dst, tag or root.digest, root)
+    return DestinationResult(
+        destination=str(dst),
+        status="synced",
+        digest=root.digest,
+        digest_changed=plan.digest_changed,
+        blobs_copied=sum(r.action == "copied" for r in results),
+        blobs_mounted=sum(r.action == "mounted" for r in results),
+        blobs_skipped=sum(r.action == "skipped" for r in results),
+        bytes_transferred=sum(r.uploaded for r in results),
+    ), sum(r.downloaded for r in results)
+
+
+def _copy_blobs(
+    copier: BlobCopier,
+    executor: Executor,
+    src: Reference,
+    dst: Reference,
+    blobs: Sequence[Descriptor],
+    progress: ProgressFn | None,
+) -> list[BlobResult]:
+    """All blobs, ``executor``-many at once; the first failure cancels what has not started."""
+    stop = threading.Event()
+
+    def one(desc: Descriptor) -> BlobResult:
+        if stop.is_set():
+            raise RegistryError("cancelled after another blob failed")
+        return copier.copy(src, dst, desc, progress)
+
+    futures: list[Future[BlobResult]] = [executor.submit(one, d) for d in blobs]
+    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+    failed = next((f for f in done if f.exception() is not None), None)
+    if failed is not None:
+        stop.set()
+        for f in futures:
+            f.cancel()
+        wait(futures)
+        exc = failed.exception()
+        assert exc is not None
+        raise exc
+    return [f.result() for f in futures]

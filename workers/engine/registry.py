@@ -1,0 +1,126 @@
+"""The registry-to-registry engine: speaks the OCI Distribution API to both ends.
+
+Registry failures become a ``failed`` SyncResult carrying the registry's error code
+and whether trying later may help; only programming errors raise.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from config.jobs import SyncJob, SyncResult
+from config.reference import Platform, Reference
+from workers.engine.auth import Keychain
+from workers.engine.blobs import DEFAULT_CHUNK_SIZE, BlobCopier
+from workers.engine.cache import BlobCache
+from workers.engine.copy import copy_image
+from workers.engine.errors import RegistryError
+from workers.engine.protocols import ProgressFn
+from workers.engine.retry import RetryPolicy
+from workers.engine.transport import DEFAULT_USER_AGENT, MAX_CONNECTIONS_PER_HOST, RegistryTransport
+
+log = logging.getLogger(__name__)
+
+# Warn in the result when Docker Hub's remaining pull quota falls below this share.
+QUOTA_WARN_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    insecure_registries: tuple[str, ...] = ()
+    blob_concurrency: int = 6
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    retry_attempts: int = 6
+    retry_base_delay: float = 0.5
+    retry_max_delay: float = 30.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    user_agent: str = DEFAULT_USER_AGENT
+    max_connections_per_host: int = MAX_CONNECTIONS_PER_HOST
+    # Pull-through mirrors per source registry; accepted but not used yet.
+    mirrors: Mapping[str, list[str]] = field(default_factory=dict)
+
+
+class RegistryEngine:
+    """Copies images registry to registry; one per worker process, shared by its threads."""
+
+    name = "registry"
+
+    def __init__(
+        self,
+        options: RegistryOptions | None = None,
+        keychain: Keychain | None = None,
+        cache: BlobCache | None = None,
+    ) -> None:
+        self.options = options or RegistryOptions()
+        o = self.options
+        self.transport = RegistryTransport(
+            keychain=keychain,
+            insecure_registries=o.insecure_registries,
+            retry=RetryPolicy(o.retry_attempts, o.retry_base_delay, o.retry_max_delay),
+            connect_timeout=o.connect_timeout,
+            read_timeout=o.read_timeout,
+            user_agent=o.user_agent,
+            max_connections=o.max_connections_per_host,
+        )
+        self.blobs = BlobCopier(self.transport, chunk_size=o.chunk_size, cache=cache)
+        self._executor = ThreadPoolExecutor(max_workers=o.blob_concurrency, thread_name_prefix="ferry-blob")
+
+    def sync(self, job: SyncJob, progress: ProgressFn) -> SyncResult:
+        started = time.time()
+        t0 = time.monotonic()
+        result = SyncResult(batch_id=job.batch_id, source=job.source, status="failed", engine=self.name,
+                            started_at=started, line=job.line)
+        try:
+            src = Reference.parse(job.source)
+            dsts = [Reference.parse(d) for d in job.destinations]
+            platforms = [Platform.parse(p) for p in job.platforms]
+        except ValueError as exc:
+            return result.model_copy(update={"error": str(exc), "error_code": "INVALID_REFERENCE",
+                                             "duration_s": time.monotonic() - t0})
+        try:
+            outcome = copy_image(self.transport, self.blobs, self._executor, src, dsts,
+                                 platforms=platforms, progress=progress)
+        except RegistryError as exc:
+            exc.with_reference(src)
+            log.info("sync of %s failed: %s", src, exc)
+            return result.model_copy(update={
+                "error": str(exc), "error_code": exc.code, "temporary": exc.temporary,
+                "duration_s": time.monotonic() - t0, "warnings": self._warnings(src)})
+        failures = list(outcome.failures.values())
+        statuses = {d.status for d in outcome.destinations}
+        if failures:
+            status = "failed"
+        elif statuses == {"up_to_date"}:
+            status = "up_to_date"
+        else:
+            status = "synced"
+        first = failures[0] if failures else None
+        return result.model_copy(update={
+            "status": status,
+            "source_digest": outcome.source_digest,
+            "destinations": outcome.destinations,
+            "bytes_downloaded": outcome.bytes_downloaded,
+            "bytes_uploaded": outcome.bytes_uploaded,
+            "error": "; ".join(str(f) for f in failures) if failures else None,
+            "error_code": first.code if first else None,
+            # Retrying helps only when every failure may pass.
+            "temporary": bool(failures) and all(f.temporary for f in failures),
+            "duration_s": time.monotonic() - t0,
+            "warnings": self._warnings(src),
+        })
+
+    def _warnings(self, src: Reference) -> list[str]:
+        quota = self.transport.quota(src.api_host)
+        if quota is not None and quota.nearly_spent(QUOTA_WARN_FRACTION):
+            return [f"{src.registry} pull quota nearly spent: {quota.remaining} of "
+                    f"{quota.limit if quota.limit is not None else '?'} left"]
+        return []
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.transport.close()
