@@ -7,7 +7,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -21,6 +21,7 @@ from tests.support.faultproxy import (
     delay,
     drop_after,
     hangup,
+    make_fault_proxy,  # noqa: F401  (fixture)
     max_in_window,
     stall,
     status,
@@ -35,10 +36,8 @@ ACCEPT = {"Accept": f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"}
 
 
 @pytest.fixture
-def proxy(src: Registry) -> Iterator[FaultProxy]:
-    with FaultProxy(src.host) as p:
-        yield p
-    assert p.errors == []
+def proxy(src: Registry, make_fault_proxy: Callable[[str], FaultProxy]) -> FaultProxy:  # noqa: F811
+    return make_fault_proxy(src.host)
 
 
 @pytest.fixture

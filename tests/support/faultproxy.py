@@ -15,10 +15,12 @@ import re
 import threading
 import time
 import traceback
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from types import TracebackType
+
+import pytest
 
 PIECE = 64 * 1024
 Headers = list[tuple[str, str]]
@@ -407,6 +409,21 @@ class FaultProxy:
     def _rewrite(self, location: str) -> str:
         prefix = f"http://{self.upstream}"
         return self.url + location[len(prefix):] if location.startswith(prefix) else location
+
+
+@pytest.fixture
+def make_fault_proxy() -> Iterator[Callable[[str], FaultProxy]]:
+    """Starts proxies in front of "host:port" upstreams; stops them and checks they had no errors."""
+    started: list[FaultProxy] = []
+
+    def make(upstream: str) -> FaultProxy:
+        started.append(FaultProxy(upstream).start())
+        return started[-1]
+
+    yield make
+    for p in started:
+        p.stop()
+    assert [e for p in started for e in p.errors] == []
 
 
 # ---- HTTP/1.1 wire helpers -------------------------------------------------------------------
