@@ -43,3 +43,5 @@ def src_pusher(src: Registry) -> Iterator[Pusher]:
 
 
 from tests.support.redis import redis_server, redis_session  # noqa: E402,F401  (fixtures)
+from tests.support.dockerd import dockerd  # noqa: E402,F401  (fixture)
+from tests.support.faultproxy import make_fault_proxy  # noqa: E402,F401  (fixture)
