@@ -6,7 +6,8 @@ import http.server
 import json
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,6 +24,8 @@ from tests.support.images import (
 )
 from tests.support.procs import free_port
 from tests.support.registry import Registry
+from tests.support.tokenserver import TokenServer
+from workers.engine.auth import Credential, RegistryAuth, StaticKeychain
 from workers.engine.registry import RegistryEngine, RegistryOptions
 
 ACCEPT = f"{OCI_INDEX}, {OCI_MANIFEST}, {DOCKER_MANIFEST}"
@@ -319,3 +322,28 @@ def test_manifest_not_matching_its_digest_is_refused(
                                                       "Docker-Content-Digest": claimed}, body)
     r = sync(engine, f"{host}/lib/x@{claimed}", f"{dst.host}/m/x:v1")
     assert r.status == "failed" and r.error_code == "ManifestError" and "hashes to" in (r.error or "")
+
+
+def test_token_authenticated_destination(src: Registry, src_pusher: Pusher,
+                                         make_registry: Callable[..., Registry], tmp_path: Path) -> None:
+    img = push_image(src_pusher, "lib/app", archs=("amd64", "arm64"), layer_size=200_000)
+    with TokenServer(tmp_path / "token", users={"pusher": "pw"},
+                     acl={"pusher": {"m/*": ["pull", "push"]}}) as ts:
+        reg = make_registry("tok", token=ts.registry_token)
+        keychain = StaticKeychain({reg.host: Credential(username="pusher", password="pw")})
+        eng = RegistryEngine(RegistryOptions(chunk_size=64 * 1024, retry_attempts=2, retry_base_delay=0.01),
+                             keychain=keychain)
+        try:
+            # Streamed PATCH bodies cannot be replayed after a 401: each upload's POST earns the token.
+            r = sync(eng, f"{src.host}/lib/app:v1", f"{reg.host}/m/a:v1", f"{reg.host}/m/b:v1")
+            assert r.status == "synced", r.error
+            assert r.destinations[1].blobs_mounted == len(img.blobs)
+            assert any("repository:m/a:pull" in s for q in ts.issued() for s in q.scopes)
+            denied = sync(eng, f"{src.host}/lib/app:v1", f"{reg.host}/other/app:v1")
+            assert denied.status == "failed" and not denied.temporary
+            assert denied.error_code in ("UNAUTHORIZED", "DENIED")
+        finally:
+            eng.close()
+        with httpx.Client(auth=RegistryAuth(reg.host, keychain)) as c:
+            r2 = c.head(f"{reg.url}/v2/m/b/manifests/v1", headers={"Accept": ACCEPT})
+            assert r2.headers["Docker-Content-Digest"] == img.digest
