@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures that live beside the service they start.
+from tests.support.dockerd import dockerd  # noqa: F401
+from tests.support.faultproxy import make_fault_proxy  # noqa: F401
 from tests.support.images import Pusher
+from tests.support.redis import redis_server, redis_session  # noqa: F401
 from tests.support.registry import Registry
 
 
@@ -41,7 +45,3 @@ def src_pusher(src: Registry) -> Iterator[Pusher]:
     yield p
     p.client.close()
 
-
-from tests.support.redis import redis_server, redis_session  # noqa: E402,F401  (fixtures)
-from tests.support.dockerd import dockerd  # noqa: E402,F401  (fixture)
-from tests.support.faultproxy import make_fault_proxy  # noqa: E402,F401  (fixture)

@@ -67,7 +67,7 @@ def check_destination(dst: Registry, imgs: dict[str, Image]) -> None:
 
 def test_cluster_sync_then_nothing_to_do(tmp_path: Path, src: Registry, dst: Registry, src_pusher: Pusher,
                                          cluster: tuple[RedisServer, list[Worker]]) -> None:
-    redis_server, workers = cluster
+    redis_server, _ = cluster
     lines, imgs = corpus(src, src_pusher)
     listing = tmp_path / "images.txt"
     listing.write_text("\n".join(lines).replace("{dst}", dst.host) + "\n")
