@@ -40,6 +40,11 @@ def celery_config(settings: FerrySettings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "broker_transport_options": {
             "visibility_timeout": settings.visibility_timeout,
+            # kombu sweeps for abandoned (unacked) messages every interval x throttle seconds
+            # (default 10 x 10); sweep every interval so a dead worker's task comes back soon after
+            # the visibility timeout instead of up to 100 s later. One cheap ZRANGE per sweep.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 5)),
+            "unacked_restore_throttle": 1,
             "socket_keepalive": True,
             "retry_on_timeout": True,
             "health_check_interval": 10,
