@@ -41,11 +41,13 @@ class RedisServer:
     port: int = 0
     appendonly: bool = False
     binary: str | None = None
+    password: str | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis[bytes]:
         """A new client; the caller closes it."""
@@ -69,6 +71,8 @@ class RedisServer:
             "--logfile", str(self.root / "redis.log"),
             "--daemonize", "no",
         ]
+        if self.password:
+            args += ["--requirepass", self.password]
         if self.appendonly:
             args += ["--appendfsync", "always"]  # every acknowledged write survives SIGKILL
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
