@@ -1,0 +1,129 @@
+"""Worker and broker failures: SIGKILLed workers and pool processes, a Redis restart, duplicate delivery."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.support.cluster import Cluster, children, make_cluster_fixture, wait_proc  # noqa: F401  (fixture)
+from tests.support.faultproxy import FaultProxy, Rule, stall
+from tests.support.images import Image, Pusher, push_image
+from tests.support.procs import wait_until
+from tests.support.registry import Registry
+
+pytestmark = pytest.mark.faults
+
+BIG = 4 * 1024 * 1024  # random bytes: gzip keeps them this size
+
+
+def corpus(pusher: Pusher, n_small: int = 3) -> dict[str, Image]:
+    imgs = {"big/b": push_image(pusher, "big/b", layers=1, layer_size=BIG)}
+    for i in range(n_small):
+        imgs[f"small/s{i}"] = push_image(pusher, f"small/s{i}", layers=2, layer_size=8 * 1024)
+    return imgs
+
+
+def lines_for(host: str, imgs: dict[str, Image]) -> list[str]:
+    return [f"{host}/{repo}:v1" for repo in imgs]
+
+
+def assert_mirrored(dst: Registry, imgs: dict[str, Image]) -> None:
+    for repo, img in imgs.items():
+        assert dst.manifest_digest(f"mirror/{repo}", "v1") == img.digest, repo
+
+
+def meta(c: Cluster, batch: str) -> dict[str, Any]:
+    with c.redis.client() as r:
+        raw = r.get(f"ferry:batch:{batch}:meta")
+    assert raw is not None
+    return dict(json.loads(raw))
+
+
+def task_of(c: Cluster, batch: str, repo: str) -> str:
+    m = meta(c, batch)
+    return next(t for t, j in zip(m["task_ids"], m["jobs"], strict=True) if f"/{repo}:" in j["source"])
+
+
+def stalled_big_blob(proxy: FaultProxy, seconds: float) -> Rule:
+    """Hold the big layer's first download open so the copy is in flight when the fault hits."""
+    return proxy.add_rule(Rule(stall(seconds, after=256 * 1024), method="GET",
+                               path_re=r"/big/b/blobs/sha256:", times=1))
+
+
+def in_flight(proxy: FaultProxy) -> bool:
+    return any(s.end is None and s.status == 200 for s in proxy.select("GET", r"/big/b/blobs/"))
+
+
+def holder(c: Cluster, batch: str, task: str) -> str:
+    state = c.hash(batch, "state")[task]
+    assert state.startswith("started on "), state
+    return state.removeprefix("started on ").split(" ")[0]
+
+
+def test_worker_killed_mid_blob_is_redelivered_to_another(
+        make_cluster: Callable[..., Cluster], src: Registry, dst: Registry, src_pusher: Pusher,
+        make_fault_proxy: Callable[[str], FaultProxy]) -> None:
+    c = make_cluster(FERRY_VISIBILITY_TIMEOUT="10")
+    for n in ("a", "b"):
+        c.start_worker(f"node-{n}", concurrency=1)
+    imgs = corpus(src_pusher)
+    proxy = make_fault_proxy(src.host)
+    stalled_big_blob(proxy, 120)
+    listing = c.listing(lines_for(proxy.host, imgs))
+    run = c.producer_bg("enqueue", str(listing), "--target", f"{dst.host}/mirror", "--wait", "--timeout", "180")
+    batch = c.latest_batch()
+    wait_until(lambda: in_flight(proxy), 60, "the big blob in flight")
+    big = task_of(c, batch, "big/b")
+    victim = holder(c, batch, big)
+
+    c.worker(victim).kill()  # the whole process group: main process and pool children
+    killed_at = time.monotonic()
+    survivor = next(w.node for w in c.workers if w.node != victim)
+    wait_until(lambda: c.hash(batch, "state").get(big, "").startswith(f"started on {survivor}")
+               or big in c.hash(batch, "results"), 90, "redelivery")
+    redelivered = time.monotonic() - killed_at
+    print(f"\nredelivery after SIGKILL of the whole worker: {redelivered:.1f} s (visibility timeout 10 s)")
+
+    code, out, err = wait_proc(run, 180)
+    assert code == 0, out + err
+    assert_mirrored(dst, imgs)
+    result = c.results(batch)[big]
+    assert result["status"] == "synced" and result["node"] == survivor
+    # Redis gave it back only after the visibility timeout, and not much later.
+    assert 8 <= redelivered <= 60
+
+
+def test_killed_pool_process_is_requeued_at_once(
+        make_cluster: Callable[..., Cluster], src: Registry, dst: Registry, src_pusher: Pusher,
+        make_fault_proxy: Callable[[str], FaultProxy]) -> None:
+    # A long visibility timeout: only the worker's own requeue can bring the task back quickly.
+    c = make_cluster(FERRY_VISIBILITY_TIMEOUT="3600")
+    w = c.start_worker("solo", concurrency=1)
+    imgs = corpus(src_pusher, n_small=1)
+    proxy = make_fault_proxy(src.host)
+    stalled_big_blob(proxy, 120)
+    listing = c.listing(lines_for(proxy.host, imgs))
+    run = c.producer_bg("enqueue", str(listing), "--target", f"{dst.host}/mirror", "--wait", "--timeout", "120")
+    c.latest_batch()
+    wait_until(lambda: in_flight(proxy), 60, "the big blob in flight")
+    assert w.proc is not None
+    pool = children(w.proc.pid)
+    assert len(pool) == 1, pool
+    os.kill(pool[0], signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    code, out, err = wait_proc(run, 120)
+    took = time.monotonic() - killed_at
+    print(f"\nrequeue after SIGKILL of a pool process: done {took:.1f} s later")
+    assert code == 0, out + err
+    assert_mirrored(dst, imgs)
+    assert took < 60
+    assert w.proc.poll() is None, "the worker itself must survive its pool process"
+    assert proxy.count("GET", r"/big/b/blobs/sha256:", status=200) >= 2
+    assert "WorkerLostError" in w.log()
