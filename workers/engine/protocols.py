@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from config.jobs import SyncJob, SyncResult
@@ -19,3 +20,32 @@ class Engine(Protocol):
     def sync(self, job: SyncJob, progress: ProgressFn) -> SyncResult: ...
 
     def close(self) -> None: ...
+
+
+class Coordinator(Protocol):
+    """What workers share about registries: where blobs are, who uploads what, how fast to go.
+
+    Registries are named as the engine talks to them (API host, e.g. ``registry-1.docker.io``);
+    an implementation folds aliases itself.
+    """
+
+    # -- blob ledger: repositories of a destination registry known to hold a digest
+    def known_locations(self, registry: str, digest: str) -> list[str]: ...
+
+    def record_blob(self, registry: str, repository: str, digest: str) -> None: ...
+
+    def forget_blob(self, registry: str, repository: str, digest: str) -> None: ...
+
+    # -- single flight: True = held (renewed until exit); False = another holder finished it
+    def upload_lease(self, registry: str, digest: str) -> AbstractContextManager[bool]: ...
+
+    def manifest_lease(self, registry: str, repository: str, reference: str) -> AbstractContextManager[bool]: ...
+
+    # -- request limits: held for the life of one HTTP exchange (body included)
+    def acquire(self, host: str) -> AbstractContextManager[None]: ...
+
+    def pause_until(self, host: str) -> float | None: ...
+
+    def report_quota(self, host: str, remaining: int | None, reset_at: float) -> None: ...
+
+    def credential_index(self, host: str) -> int: ...

@@ -1,0 +1,244 @@
+"""The Redis coordinator against a real redis-server: ledger, leases, limits, quota pauses."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.faultproxy import max_in_window
+from tests.support.procs import stop, wait_until
+from tests.support.redis import RedisServer
+from workers.cluster import keys
+from workers.cluster.coordinator import RedisCoordinator
+from workers.cluster.ratelimit import Limit
+from workers.engine.protocols import Coordinator
+from workers.engine.throttle import quota_reset
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.fixture
+def coords(redis_server: RedisServer) -> Iterator[list[RedisCoordinator]]:
+    made: list[RedisCoordinator] = []
+
+    def make(**kw: object) -> RedisCoordinator:
+        made.append(RedisCoordinator.from_url(redis_server.url, **kw))
+        return made[-1]
+
+    yield make  # type: ignore[misc]
+    for c in made:
+        c.close()
+
+
+def test_is_a_coordinator(coords) -> None:  # type: ignore[no-untyped-def]
+    c: Coordinator = coords(owner="a")
+    assert c.known_locations("127.0.0.1:5000", DIGEST) == []
+
+
+def test_ledger_records_forgets_and_expires(coords) -> None:  # type: ignore[no-untyped-def]
+    a, b = coords(owner="a", ledger_ttl=1.0), coords(owner="b", ledger_ttl=1.0)
+    a.record_blob("127.0.0.1:5000", "mirror/one", DIGEST)
+    time.sleep(0.01)
+    a.record_blob("127.0.0.1:5000", "mirror/two", DIGEST)
+    # Another worker sees it, newest first; other registries and digests are separate.
+    assert b.known_locations("127.0.0.1:5000", DIGEST) == ["mirror/two", "mirror/one"]
+    assert b.known_locations("127.0.0.1:5001", DIGEST) == []
+    b.forget_blob("127.0.0.1:5000", "mirror/two", DIGEST)
+    assert a.known_locations("127.0.0.1:5000", DIGEST) == ["mirror/one"]
+    # Docker Hub's names are one registry.
+    a.record_blob("registry-1.docker.io", "library/x", DIGEST)
+    assert b.known_locations("docker.io", DIGEST) == ["library/x"]
+    time.sleep(1.1)
+    assert b.known_locations("127.0.0.1:5000", DIGEST) == []
+
+
+def test_lease_waiter_skips_after_a_successful_holder(coords) -> None:  # type: ignore[no-untyped-def]
+    a, b = coords(owner="a", lease_ttl=2.0), coords(owner="b", lease_ttl=2.0)
+    got: list[bool] = []
+    with a.upload_lease("r", DIGEST) as held:
+        assert held
+        t = threading.Thread(target=lambda: got.append(b.upload_lease("r", DIGEST).__enter__()))
+        t.start()
+        time.sleep(3.0)  # longer than the TTL: the holder's renewals keep it
+        assert got == []
+    t.join(5)
+    assert got == [False]
+
+
+def test_lease_passes_on_after_a_failed_holder(coords) -> None:  # type: ignore[no-untyped-def]
+    a, b = coords(owner="a", lease_ttl=5.0), coords(owner="b", lease_ttl=5.0)
+    got: list[tuple[bool, float]] = []
+    t0 = time.monotonic()
+
+    def wait() -> None:
+        with b.upload_lease("r", DIGEST) as held:
+            got.append((held, time.monotonic() - t0))
+
+    with pytest.raises(RuntimeError), a.upload_lease("r", DIGEST) as held:
+        assert held
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(0.5)
+        raise RuntimeError("upload failed")
+    t.join(5)
+    assert got and got[0][0] is True and got[0][1] < 2.0  # at once, not after the TTL
+
+
+def test_dead_holder_lease_expires_and_is_taken_over(coords, redis_server: RedisServer,
+                                                     tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    script = (
+        "import sys, time\n"
+        "from workers.cluster.coordinator import RedisCoordinator\n"
+        "c = RedisCoordinator.from_url(sys.argv[1], owner='doomed', lease_ttl=2.0)\n"
+        "with c.upload_lease('r', sys.argv[2]):\n"
+        "    print('held', flush=True); time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, redis_server.url, DIGEST], cwd=ROOT,
+                            stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"held"
+        b = coords(owner="b", lease_ttl=2.0)
+        key = keys.blob_lease("r", DIGEST)
+        time.sleep(2.5)  # alive past its TTL: renewed
+        assert (b.leases.holder(key) or "").startswith("doomed:")
+        stop(proc, signal.SIGKILL)
+        killed = time.monotonic()
+        with b.upload_lease("r", DIGEST) as held:
+            took = time.monotonic() - killed
+            assert held and (b.leases.holder(key) or "").startswith("b:")
+        assert took <= 2.0 + 0.5
+    finally:
+        stop(proc, signal.SIGKILL)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def test_manifest_lease_serialises_writers_of_one_tag(coords) -> None:  # type: ignore[no-untyped-def]
+    a, b = coords(owner="a"), coords(owner="b")
+    inside: list[int] = []
+    peak: list[int] = []
+    lock = threading.Lock()
+
+    def push(c: RedisCoordinator) -> None:
+        for _ in range(3):
+            with c.manifest_lease("r", "mirror/app", "v1") as held:
+                if not held:
+                    continue  # pushed by the holder we waited for
+                with lock:
+                    inside.append(1)
+                    peak.append(len(inside))
+                time.sleep(0.05)
+                with lock:
+                    inside.pop()
+
+    ts = [threading.Thread(target=push, args=(c,)) for c in (a, b, a, b)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(20)
+    assert max(peak) == 1 and len(peak) >= 3  # holders never overlap
+
+
+def test_rate_and_concurrency_limits_hold_across_coordinators(coords) -> None:  # type: ignore[no-untyped-def]
+    limits = {"127.0.0.1:5000": Limit(max_concurrency=2, requests_per_second=5.0)}
+    cs = [coords(owner=f"w{i}", limits=limits) for i in range(3)]
+    starts: list[float] = []
+    inflight = [0]
+    peak = [0]
+    lock = threading.Lock()
+    deadline = time.monotonic() + 4.0
+
+    def hammer(c: RedisCoordinator) -> None:
+        while time.monotonic() < deadline:
+            with c.acquire("127.0.0.1:5000"):
+                with lock:
+                    starts.append(time.monotonic())
+                    inflight[0] += 1
+                    peak[0] = max(peak[0], inflight[0])
+                time.sleep(0.02)
+                with lock:
+                    inflight[0] -= 1
+
+    ts = [threading.Thread(target=hammer, args=(c,)) for c in cs for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(15)
+    assert peak[0] <= 2
+    assert max_in_window(starts, 2.0) <= 11  # 5/s, one token of burst
+    assert len(starts) >= 4 * 5 * 0.9
+    # Docker Hub gets a conservative default.
+    assert cs[0].limiter.limits["docker.io"] == Limit(max_concurrency=16, requests_per_second=10.0)
+
+
+def test_slots_of_a_dead_worker_come_back(coords, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]
+    limits = {"r": Limit(max_concurrency=1)}
+    a = coords(owner="a", limits=limits, lease_ttl=1.0)  # slot TTL: 10 s floor
+    with redis_server.client() as raw:
+        raw.zadd(keys.slots("r"), {"ghost": int(time.time() * 1000) + 500})
+    t0 = time.monotonic()
+    with a.acquire("r"):
+        assert 0.3 < time.monotonic() - t0 < 2.0
+
+
+def test_quota_pause_stops_every_worker_until_reset(coords) -> None:  # type: ignore[no-untyped-def]
+    a, b = coords(owner="a"), coords(owner="b")
+    reset = time.time() + 1.5
+    a.report_quota("registry-1.docker.io", 0, reset)
+    assert b.pause_until("docker.io") == pytest.approx(reset, abs=0.01)
+    with b.acquire("docker.io"):
+        assert time.time() >= reset - 0.01
+    assert a.pause_until("docker.io") is None
+
+
+def test_spent_credential_rotates_to_the_next(coords) -> None:  # type: ignore[no-untyped-def]
+    counts = {"docker.io": 2}
+    a, b = coords(owner="a", credential_counts=counts), coords(owner="b", credential_counts=counts)
+    assert b.credential_index("docker.io") == 0
+    a.report_quota("docker.io", 0, time.time() + 60)
+    # The next credential is fresh: nobody waits, everyone switches.
+    assert b.credential_index("docker.io") == 1
+    assert b.pause_until("docker.io") is None
+    b.report_quota("docker.io", 0, time.time() + 60)
+    # Both spent: stay and wait for the reset.
+    assert a.credential_index("docker.io") == 1
+    assert a.pause_until("docker.io") is not None
+
+
+def test_coordination_fails_open_without_redis(coords, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]
+    a = coords(owner="a", limits={"r": Limit(max_concurrency=1, requests_per_second=1)})
+    redis_server.stop()
+    assert a.known_locations("r", DIGEST) == []
+    a.record_blob("r", "x", DIGEST)
+    with a.upload_lease("r", DIGEST) as held:
+        assert held
+    with a.acquire("r"):
+        pass
+    assert a.pause_until("r") is None
+
+
+def _response(status: int, headers: dict[str, str]) -> httpx.Response:
+    return httpx.Response(status, headers=headers)
+
+
+def test_quota_headers() -> None:
+    now = 1000.0
+    assert quota_reset(_response(200, {"RateLimit-Remaining": "50;w=21600"}), 1, now) is None
+    assert quota_reset(_response(200, {}), 1, now) is None
+    assert quota_reset(_response(429, {"Retry-After": "10"}), 1, now) == (None, 1010.0)
+    assert quota_reset(_response(200, {"RateLimit-Remaining": "0;w=21600",
+                                       "RateLimit-Limit": "100;w=21600"}), 1, now) == (0, 22600.0)
+    assert quota_reset(_response(200, {"RateLimit-Remaining": "3", "RateLimit-Reset": "30"}), 5, now) == \
+        (3, 1030.0)
+    assert quota_reset(_response(429, {"RateLimit-Reset": "1700000000"}), 1, now) == (None, 1700000000.0)
+    assert quota_reset(_response(429, {}), 1, now) == (None, 1002.0)
+    wait_until(lambda: True)

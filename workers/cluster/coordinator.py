@@ -1,0 +1,136 @@
+"""The Redis-backed ``Coordinator`` of a worker process (see workers/engine/protocols.py).
+
+Coordination helps but must never stop a copy: when Redis cannot be reached, lookups
+answer "unknown", leases count as held and limits as free, and the per-process
+safeguards of the engine (in-flight map, retries) carry on alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
+
+import redis
+
+from workers.cluster import keys
+from workers.cluster.leases import Leases
+from workers.cluster.ledger import BlobLedger
+from workers.cluster.quota import QuotaBoard
+from workers.cluster.ratelimit import Limit, RateLimiter
+from workers.cluster.renewer import Renewer
+from workers.engine.auth import canonical_registry
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_LEDGER_TTL = 24 * 3600.0
+DEFAULT_LEASE_TTL = 30.0
+# Docker Hub counts and throttles hard; unless configured otherwise stay well below it.
+DEFAULT_LIMITS = {"docker.io": Limit(max_concurrency=16, requests_per_second=10.0)}
+
+
+class RedisCoordinator:
+    def __init__(
+        self,
+        client: redis.Redis[bytes],
+        *,
+        owner: str | None = None,
+        ledger_ttl: float = DEFAULT_LEDGER_TTL,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        limits: Mapping[str, Limit] | None = None,
+        credential_counts: Mapping[str, int] | None = None,
+    ) -> None:
+        self.client = client
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.renewer = Renewer(interval=max(0.2, lease_ttl / 3))
+        self.ledger = BlobLedger(client, ledger_ttl)
+        self.leases = Leases(client, self.renewer, ttl=lease_ttl, owner=self.owner)
+        merged = dict(DEFAULT_LIMITS)
+        merged.update({canonical_registry(k): v for k, v in (limits or {}).items()})
+        self.limiter = RateLimiter(client, self.renewer, merged, slot_ttl=max(3 * lease_ttl, 10.0))
+        self.quota = QuotaBoard(client, {canonical_registry(k): v for k, v in (credential_counts or {}).items()})
+
+    @classmethod
+    def from_url(cls, url: str, **kw: object) -> RedisCoordinator:
+        client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
+                                      health_check_interval=10)
+        return cls(client, **kw)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.renewer.close()
+        self.client.close()
+
+    def _soft(self, what: str, fn: Callable[[], T], fallback: T) -> T:
+        try:
+            return fn()
+        except redis.RedisError as exc:
+            log.warning("coordination unavailable (%s): %s", what, exc)
+            return fallback
+
+    # -- ledger
+
+    def known_locations(self, registry: str, digest: str) -> list[str]:
+        reg = canonical_registry(registry)
+        return self._soft("ledger", lambda: self.ledger.locations(reg, digest), [])
+
+    def record_blob(self, registry: str, repository: str, digest: str) -> None:
+        reg = canonical_registry(registry)
+        self._soft("ledger", lambda: self.ledger.record(reg, repository, digest), None)
+
+    def forget_blob(self, registry: str, repository: str, digest: str) -> None:
+        reg = canonical_registry(registry)
+        self._soft("ledger", lambda: self.ledger.forget(reg, repository, digest), None)
+
+    # -- leases
+
+    @contextlib.contextmanager
+    def _lease(self, key: str) -> Iterator[bool]:
+        try:
+            cm = self.leases.hold(key)
+            held = cm.__enter__()
+        except redis.RedisError as exc:
+            log.warning("coordination unavailable (lease %s): %s", key, exc)
+            yield True
+            return
+        with contextlib.ExitStack() as stack:
+            stack.push(cm)
+            yield held
+
+    def upload_lease(self, registry: str, digest: str) -> contextlib.AbstractContextManager[bool]:
+        return self._lease(keys.blob_lease(canonical_registry(registry), digest))
+
+    def manifest_lease(self, registry: str, repository: str,
+                       reference: str) -> contextlib.AbstractContextManager[bool]:
+        return self._lease(keys.manifest_lease(canonical_registry(registry), repository, reference))
+
+    # -- limits and quota
+
+    @contextlib.contextmanager
+    def acquire(self, host: str) -> Iterator[None]:
+        reg = canonical_registry(host)
+        try:
+            cm = self.limiter.acquire(reg, self.quota.pause_key(reg))
+            cm.__enter__()
+        except redis.RedisError as exc:
+            log.warning("coordination unavailable (limits for %s): %s", reg, exc)
+            yield
+            return
+        with contextlib.ExitStack() as stack:
+            stack.push(cm)
+            yield
+
+    def pause_until(self, host: str) -> float | None:
+        reg = canonical_registry(host)
+        return self._soft("quota", lambda: self.quota.pause_until(reg), None)
+
+    def report_quota(self, host: str, remaining: int | None, reset_at: float) -> None:
+        reg = canonical_registry(host)
+        self._soft("quota", lambda: self.quota.report(reg, reset_at), 0)
+
+    def credential_index(self, host: str) -> int:
+        reg = canonical_registry(host)
+        return self._soft("quota", lambda: self.quota.credential_index(reg), 0)
