@@ -56,7 +56,12 @@ def run_py(code: str, *args: str, stdin: int | None = None) -> subprocess.Popen[
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code), *args],
-        stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
     )
 
 
@@ -106,7 +111,7 @@ def test_write_verifies_and_publishes_atomically(tmp_path: Path) -> None:
     assert cache.get(d) is None
     with cache.writer(d, len(data)) as f:
         for i in range(0, len(data), 65536):
-            f.write(memoryview(data)[i:i + 65536])
+            f.write(memoryview(data)[i : i + 65536])
         # Not visible until the writer has verified it.
         assert cache.get(d) is None
     path = cache.get(d)
@@ -159,19 +164,22 @@ def test_mismatches_and_failures_leave_nothing_behind(tmp_path: Path) -> None:
     assert cache.usage() == (0, 0)
 
 
-@pytest.mark.parametrize("bad", [
-    "../../etc/passwd",
-    "sha256:../../../etc/passwd",
-    "sha256:" + "a" * 63 + "/",
-    "sha256:" + "A" * 64,
-    "sha256:" + "a" * 64 + "/../x",
-    "sha256:" + "a" * 64 + "\n",
-    "sha512:" + "a" * 127,
-    "sha1:" + "a" * 40,
-    "md5:" + "a" * 32,
-    "/etc/passwd",
-    "",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../../etc/passwd",
+        "sha256:../../../etc/passwd",
+        "sha256:" + "a" * 63 + "/",
+        "sha256:" + "A" * 64,
+        "sha256:" + "a" * 64 + "/../x",
+        "sha256:" + "a" * 64 + "\n",
+        "sha512:" + "a" * 127,
+        "sha1:" + "a" * 40,
+        "md5:" + "a" * 32,
+        "/etc/passwd",
+        "",
+    ],
+)
 def test_bad_digests_are_rejected_before_touching_disk(tmp_path: Path, bad: str) -> None:
     cache = BlobCache(tmp_path / "c", policy())
     before = files_under(tmp_path)
@@ -326,13 +334,17 @@ def test_stale_temp_files_are_swept_but_live_writes_are_not(tmp_path: Path) -> N
 def test_one_cleanup_at_a_time(tmp_path: Path) -> None:
     cache = BlobCache(tmp_path / "c", policy(keep_bytes=0))
     d = put(cache, b"q" * 100)
-    holder = run_py("""
+    holder = run_py(
+        """
         import fcntl, os, sys
         fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
         fcntl.flock(fd, fcntl.LOCK_EX)
         print("locked", flush=True)
         sys.stdin.readline()
-    """, str(cache.root / ".cleanup.lock"), stdin=subprocess.PIPE)
+    """,
+        str(cache.root / ".cleanup.lock"),
+        stdin=subprocess.PIPE,
+    )
     assert holder.stdout is not None and holder.stdin is not None
     try:
         assert holder.stdout.readline().strip() == "locked"

@@ -217,8 +217,7 @@ class BlobCache:
                 try:
                     yield f
                     if size is not None and f.written != size:
-                        raise CacheDigestMismatch(
-                            f"blob {digest}: wrote {f.written} bytes, expected {size}")
+                        raise CacheDigestMismatch(f"blob {digest}: wrote {f.written} bytes, expected {size}")
                     got = f"{key.algorithm}:{f.hasher.hexdigest()}"
                     if got != digest:
                         raise CacheDigestMismatch(f"blob {digest}: content hashes to {got}")

@@ -1,0 +1,286 @@
+"""The docker engine against a real dockerd and real source/destination registries."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from config.jobs import SyncJob, SyncResult
+from tests.support.dockerd import Dockerd
+from tests.support.htpasswd import write_htpasswd
+from tests.support.images import Image, Pusher, push_image
+from tests.support.registry import Registry
+from workers.engine.auth import AnonymousKeychain, Credential, Keychain, StaticKeychain
+from workers.engine.docker import LIMITS_WARNING, DockerEngine
+
+pytestmark = pytest.mark.docker
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, n: int) -> None:
+        with self._lock:
+            self.total += n
+
+
+class Sleeps(list[float]):
+    """Records the engine's backoff pauses (and does not wait them out)."""
+
+    def __init__(self, on_sleep: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.on_sleep = on_sleep
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+        if self.on_sleep is not None:
+            self.on_sleep()
+
+
+@pytest.fixture
+def client(dockerd: Dockerd) -> Iterator[docker.DockerClient]:
+    c = dockerd.client()
+    yield c
+    c.close()
+
+
+def make_engine(
+    dockerd: Dockerd, keychain: Keychain | None = None, sleeps: Sleeps | None = None, attempts: int = 3
+) -> DockerEngine:
+    return DockerEngine(
+        dockerd.host,
+        keychain or AnonymousKeychain(),
+        attempts=attempts,
+        base_delay=0.05,
+        max_delay=0.2,
+        sleep=sleeps if sleeps is not None else Sleeps(),
+    )
+
+
+def job(source: str, *destinations: str, platforms: tuple[str, ...] = ()) -> SyncJob:
+    return SyncJob(
+        batch_id="b-docker", source=source, destinations=list(destinations), platforms=list(platforms), engine="docker"
+    )
+
+
+def local_ids(client: docker.DockerClient) -> dict[str, list[str]]:
+    return {i.id: i.tags for i in client.images.list(all=True)}
+
+
+def assert_gone(client: docker.DockerClient, ids: set[str], *hosts: str) -> None:
+    now = local_ids(client)
+    assert ids.isdisjoint(now), "images the sync created are still in the daemon"
+    assert not [t for tags in now.values() for t in tags if t.startswith(hosts)]
+
+
+def test_five_images_sync_pull_back_and_clean_up(
+    dockerd: Dockerd, client: docker.DockerClient, src: Registry, dst: Registry, src_pusher: Pusher
+) -> None:
+    images: list[tuple[Image, tuple[str, ...], str]] = [
+        (push_image(src_pusher, "lib/plain", oci=False), (), "amd64"),
+        (push_image(src_pusher, "lib/layered", "1.2", layers=4, layer_size=32 * 1024, oci=False), (), "amd64"),
+        (push_image(src_pusher, "team/app", "2024", oci=False, salt="other"), (), "amd64"),
+        (push_image(src_pusher, "lib/oci", oci=True), (), "amd64"),
+        (push_image(src_pusher, "lib/multi", archs=("amd64", "arm64"), oci=False), ("linux/arm64",), "arm64"),
+    ]
+    engine = make_engine(dockerd)
+    created: set[str] = set()
+    refs: list[str] = []
+    moved = [0, 0]
+    try:
+        for img, platforms, arch in images:
+            progress = Counter()
+            j = job(f"{src.host}/{img.repo}:{img.tag}", f"{dst.host}/mirror/{img.repo}:{img.tag}", platforms=platforms)
+            res = engine.sync(j, progress)
+            assert res.status == "synced", res.error
+            assert res.engine == "docker" and res.source_digest == img.digest
+            (d,) = res.destinations
+            assert d.status == "synced" and d.destination == f"{dst.host}/mirror/{img.repo}:{img.tag}"
+            # The destination serves exactly the digest the engine reports.
+            assert dst.manifest_digest(f"mirror/{img.repo}", img.tag) == d.digest
+            # Re-compressed, single-platform: never the source's digest, and the result says so.
+            assert d.digest_changed and d.digest != img.digest
+            assert LIMITS_WARNING in res.warnings
+            # dockerd throttles progress events, so byte counts are a lower bound, never an overcount.
+            assert res.bytes_downloaded <= (img.size if img.repo != "lib/multi" else img.size // 2 + 1024)
+            assert d.blobs_copied >= 2
+            assert progress.total == res.bytes_downloaded + res.bytes_uploaded
+            moved[0] += res.bytes_downloaded
+            moved[1] += res.bytes_uploaded
+            assert res.local_refs == engine.images_for(j)
+            for ref in res.local_refs:
+                created.add(client.images.get(ref).id)
+            refs += res.local_refs
+
+            # The pushed tag pulls back, as the requested platform.
+            pulled = client.images.pull(f"{dst.host}/mirror/{img.repo}", tag=img.tag)
+            assert pulled.attrs["Architecture"] == arch
+            assert pulled.id in created
+
+        assert moved[0] > 0 and moved[1] > 0
+        assert any(f"{src.host}/lib/multi" in t for tags in local_ids(client).values() for t in tags)
+        stats = engine.cleanup(3600.0, remove=refs)
+        assert stats.errors == ()
+        assert stats.freed_items >= len(images) and stats.freed_bytes > 0
+        assert_gone(client, created, src.host, dst.host)
+    finally:
+        engine.close()
+
+
+def test_several_platforms_push_one_tag_per_platform(
+    dockerd: Dockerd, client: docker.DockerClient, src: Registry, dst: Registry, src_pusher: Pusher
+) -> None:
+    img = push_image(src_pusher, "lib/both", archs=("amd64", "arm64"), oci=True)
+    engine = make_engine(dockerd)
+    try:
+        j = job(
+            f"{src.host}/lib/both:v1",
+            f"{dst.host}/m/both:v1",
+            f"{dst.host}/n/both:v1",
+            platforms=("linux/amd64", "linux/arm64"),
+        )
+        res = engine.sync(j, Counter())
+        assert res.status == "synced", res.error
+        assert res.source_digest == img.digest
+        got = {d.destination: d.digest for d in res.destinations}
+        assert set(got) == {f"{dst.host}/{r}/both:v1-linux-{a}" for r in ("m", "n") for a in ("amd64", "arm64")}
+        for ref, digest in got.items():
+            repo, tag = ref.removeprefix(f"{dst.host}/").split(":")
+            assert dst.manifest_digest(repo, tag) == digest
+        # No index was made, and the result says so plainly.
+        assert dst.manifest_digest("m/both", "v1") is None
+        assert any("cannot build a multi-platform index" in w for w in res.warnings)
+        arches = {client.images.get(ref).attrs["Architecture"] for ref in got}
+        assert arches == {"amd64", "arm64"}
+        ids = {client.images.get(ref).id for ref in res.local_refs}
+
+        stats = engine.cleanup(3600.0, remove=engine.images_for(j))
+        assert stats.errors == () and stats.freed_items >= 2
+        assert_gone(client, ids, src.host, dst.host)
+    finally:
+        engine.close()
+
+
+def test_index_without_platform_filter_copies_the_default_platform_and_warns(
+    dockerd: Dockerd, src: Registry, dst: Registry, src_pusher: Pusher
+) -> None:
+    push_image(src_pusher, "lib/idx", archs=("amd64", "arm64"), oci=False)
+    engine = make_engine(dockerd)
+    try:
+        j = job(f"{src.host}/lib/idx:v1", f"{dst.host}/m/idx:v1")
+        res = engine.sync(j, Counter())
+        assert res.status == "synced", res.error
+        assert any("copied only linux/amd64" in w for w in res.warnings)
+        assert dst.manifest_digest("m/idx", "v1") == res.destinations[0].digest
+    finally:
+        engine.cleanup(3600.0, remove=engine.images_for(j))
+        engine.close()
+
+
+def test_permanent_errors_fail_fast_with_a_clear_message(
+    dockerd: Dockerd, src: Registry, dst: Registry, src_pusher: Pusher
+) -> None:
+    push_image(src_pusher, "lib/present", oci=False)
+    sleeps = Sleeps()
+    engine = make_engine(dockerd, sleeps=sleeps, attempts=5)
+    try:
+        missing = engine.sync(job(f"{src.host}/lib/present:nope", f"{dst.host}/m/x:v1"), Counter())
+        assert missing.status == "failed" and not missing.temporary
+        assert missing.error_code == "NotFound"
+        assert missing.error is not None
+        assert f"{src.host}/lib/present:nope" in missing.error and "manifest unknown" in missing.error
+
+        no_platform = engine.sync(
+            job(f"{src.host}/lib/present:v1", f"{dst.host}/m/x:v1", platforms=("linux/s390x",)), Counter()
+        )
+        assert no_platform.status == "failed" and not no_platform.temporary
+        assert no_platform.error is not None and "no linux/s390x image" in no_platform.error
+
+        bad_dest = engine.sync(job(f"{src.host}/lib/present:v1", f"{dst.host}/m/x@sha256:" + "a" * 64), Counter())
+        assert bad_dest.status == "failed" and bad_dest.error is not None and "tag" in bad_dest.error
+        assert sleeps == []  # nothing above was retried
+        assert dst.manifest_digest("m/x", "v1") is None
+    finally:
+        engine.close()
+
+
+def test_temporary_push_failure_is_retried_until_the_registry_is_back(
+    dockerd: Dockerd, client: docker.DockerClient, src: Registry, dst: Registry, src_pusher: Pusher
+) -> None:
+    push_image(src_pusher, "lib/flaky", oci=False)
+    dst.stop()
+
+    def bring_back() -> None:
+        if dst.proc is None:
+            dst.start()
+
+    sleeps = Sleeps(on_sleep=bring_back)
+    engine = make_engine(dockerd, sleeps=sleeps, attempts=4)
+    try:
+        j = job(f"{src.host}/lib/flaky:v1", f"{dst.host}/m/flaky:v1")
+        res = engine.sync(j, Counter())
+        assert res.status == "synced", res.error
+        assert len(sleeps) == 1  # one refused connection, then success
+        assert dst.manifest_digest("m/flaky", "v1") == res.destinations[0].digest
+
+        # With the registry gone for good, the result is a temporary failure after every attempt.
+        dst.stop()
+        sleeps.clear()
+        sleeps.on_sleep = None
+        res = engine.sync(j, Counter())
+        assert res.status == "failed" and res.temporary
+        assert len(sleeps) == 3
+        assert res.error is not None and "connection refused" in res.error
+        assert res.destinations[0].status == "failed"
+    finally:
+        engine.cleanup(3600.0, remove=engine.images_for(j))
+        engine.close()
+
+
+def test_credentials_are_used_but_never_reported(
+    dockerd: Dockerd, tmp_path: Path, src: Registry, src_pusher: Pusher, make_registry: Callable[..., Registry]
+) -> None:
+    password = "pw-Zq81-never-show-me"
+    locked = make_registry("locked", htpasswd=write_htpasswd(tmp_path / "htpasswd", {"ferry": password}))
+    push_image(src_pusher, "lib/secret", oci=False)
+    j = job(f"{src.host}/lib/secret:v1", f"{locked.host}/m/secret:v1")
+
+    good = make_engine(dockerd, StaticKeychain({locked.host: Credential("ferry", password)}))
+    sleeps = Sleeps()
+    wrong = make_engine(dockerd, StaticKeychain({locked.host: Credential("ferry", password + "-wrong")}), sleeps=sleeps)
+    try:
+        ok = good.sync(j, Counter())
+        assert ok.status == "synced", ok.error
+        denied = wrong.sync(j, Counter())
+        assert denied.status == "failed" and not denied.temporary and sleeps == []
+        assert denied.error_code in ("Unauthorized", "Denied")
+        for res in (ok, denied):
+            text = res.model_dump_json()
+            assert password not in text and "pw-Zq81" not in text
+            assert SyncResult.model_validate_json(text) == res
+    finally:
+        good.cleanup(3600.0, remove=good.images_for(j))
+        good.close()
+        wrong.close()
+
+
+def test_unreachable_daemon_is_a_temporary_failure(tmp_path: Path, src: Registry) -> None:
+    sleeps = Sleeps()
+    engine = DockerEngine(
+        f"unix://{tmp_path}/no-daemon.sock", AnonymousKeychain(), attempts=3, base_delay=0.05, sleep=sleeps
+    )
+    try:
+        res = engine.sync(job(f"{src.host}/lib/any:v1", f"{src.host}/m/any:v1"), Counter())
+        assert res.status == "failed" and res.temporary and res.error_code == "TransportError"
+        assert res.error is not None and "docker daemon" in res.error
+        assert len(sleeps) == 2
+        stats = engine.cleanup(60.0, remove=[f"{src.host}/m/any:v1"])
+        assert stats.freed_items == 0 and stats.errors and "docker daemon" in stats.errors[0]
+    finally:
+        engine.close()
