@@ -58,6 +58,19 @@ class CacheSettings(BaseModel):
     max_parallelism: PositiveInt = 4
 
 
+class CoordinationSettings(BaseModel):
+    """How the workers of a cluster share work through Redis (the broker's, unless ``url``)."""
+
+    enabled: bool = True
+    url: SecretStr | None = None
+    # How long a blob stays known in the cluster ledger without being seen again.
+    ledger_ttl: PositiveInt = 24 * 3600
+    # Upload/manifest leases: renewed by their holder, taken over this long after it dies.
+    lease_ttl: PositiveFloat = 30.0
+    # Pause a registry when its RateLimit-Remaining falls below this.
+    quota_floor: NonNegativeInt = 1
+
+
 class FerrySettings(BaseSettings):
     """Everything configurable, e.g. ``FERRY_BROKER_URL`` or ``FERRY_CACHE__KEEP_BYTES``."""
 
@@ -80,6 +93,13 @@ class FerrySettings(BaseSettings):
     registries: dict[str, RegistryConfig] = Field(default_factory=dict)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    coordination: CoordinationSettings = Field(default_factory=CoordinationSettings)
+    # "max,min" pool processes, scaled by load (Celery's --autoscale); replaces concurrency.
+    autoscale: str | None = None
+    # Seconds between the periodic cleanups every node sends itself (0: none).
+    cleanup_interval: NonNegativeInt = 600
+    # Seconds between checks of the cache filesystem's free space against cache.min_free_bytes.
+    disk_check_interval: NonNegativeInt = 15
 
     @field_validator("broker_url", "result_url")
     @classmethod
@@ -88,12 +108,34 @@ class FerrySettings(BaseSettings):
             check_redis_url(v.get_secret_value())
         return v
 
+    @field_validator("autoscale")
+    @classmethod
+    def _autoscale(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_autoscale(v)
+        return v
+
     @field_validator("targets", "insecure_registries", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:
         if isinstance(v, str):
             return [p.strip() for p in v.split(",") if p.strip()]
         return v
+
+
+def parse_autoscale(value: str) -> tuple[int, int]:
+    """``"max,min"`` (or just ``"max"``) pool processes, as Celery's ``--autoscale`` takes them."""
+    parts = [p.strip() for p in value.split(",")]
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"must be MAX,MIN process counts, got {value!r}") from None
+    if not 1 <= len(nums) <= 2 or any(n < 0 for n in nums) or nums[0] < 1:
+        raise ValueError(f"must be MAX,MIN process counts, got {value!r}")
+    high, low = nums[0], nums[1] if len(nums) == 2 else 0
+    if low > high:
+        raise ValueError(f"minimum {low} exceeds maximum {high}")
+    return high, low
 
 
 def check_redis_url(url: str) -> None:

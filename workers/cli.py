@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from config.settings import FerrySettings, describe_validation_error
 from workers import runtime
 from workers.app import SYNC_QUEUE, configure, node_queue
+from workers.upkeep import make_upkeep_step
 
 USAGE_ERROR = 2
 
@@ -31,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m workers", description="Run a ferry worker on this machine.")
     p.add_argument("--node", help="this node's name (default: FERRY_NODE or the host name)")
     p.add_argument("--concurrency", type=int, help="images copied at once by this worker (FERRY_CONCURRENCY)")
+    p.add_argument("--autoscale", help="MAX,MIN pool processes scaled by load (FERRY_AUTOSCALE); "
+                   "replaces --concurrency")
     p.add_argument("--engine", help="default engine for this node's cleanup: registry or docker")
     p.add_argument("--loglevel", default=os.environ.get("FERRY_LOGLEVEL", "INFO"))
     sub = p.add_subparsers(dest="command")
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.concurrency is not None and args.concurrency < 1:
         return _fail(f"--concurrency must be a positive number, got {args.concurrency}")
     try:
-        settings = load_settings({"node": args.node, "concurrency": args.concurrency, "engine": args.engine})
+        settings = load_settings({"node": args.node, "concurrency": args.concurrency, "engine": args.engine,
+                                  "autoscale": args.autoscale})
     except ValidationError as e:
         return _fail(describe_validation_error(e))
     if args.command == "cleanup":
@@ -63,10 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     runtime.configure(settings)
     if args.command == "flower":
         return _flower(app, args)
+    app.steps["consumer"].add(make_upkeep_step(runtime.upkeep_config(settings)))
+    pool = ["--autoscale", settings.autoscale] if settings.autoscale else \
+        ["--concurrency", str(settings.concurrency)]
     app.worker_main([
         "worker",
         "--hostname", f"{settings.node}@%h",
-        "--concurrency", str(settings.concurrency),
+        *pool,
         "--queues", f"{SYNC_QUEUE},{node_queue(settings.node)}",
         "--loglevel", args.loglevel.upper(),
         "--without-gossip", "--without-mingle",

@@ -14,7 +14,9 @@ from config.jobs import CleanupResult
 from config.settings import FerrySettings
 from workers.batches import BatchStore
 from workers.engine.cache import BlobCache, CachePolicy
-from workers.engine.protocols import Engine
+from workers.engine.local_coordinator import LocalCoordinator
+from workers.engine.protocols import Coordinator, Engine
+from workers.upkeep import UpkeepConfig
 
 _settings: FerrySettings | None = None
 _lock = threading.Lock()
@@ -59,6 +61,40 @@ def engine(name: str) -> Engine:
         if key not in st:
             st[key] = build_engine(name, settings())
         return st[key]  # type: ignore[return-value]
+
+
+def coordinator() -> Coordinator:
+    """This process's link to the cluster (a local stand-in when no Redis is configured)."""
+    with _lock:
+        st = _local()
+        if "coordinator" not in st:
+            st["coordinator"] = build_coordinator(settings())
+        return st["coordinator"]  # type: ignore[return-value]
+
+
+def build_coordinator(s: FerrySettings) -> Coordinator:
+    c = s.coordination
+    url = c.url or s.broker_url
+    if not c.enabled or url is None:
+        return LocalCoordinator()
+    from workers.cluster.coordinator import RedisCoordinator
+    from workers.cluster.ratelimit import Limit
+
+    limits = {h: Limit(r.max_concurrency, r.requests_per_second)
+              for h, r in s.registries.items() if r.max_concurrency or r.requests_per_second}
+    counts = {h: 1 + len(r.extra_credentials) for h, r in s.registries.items() if r.extra_credentials}
+    return RedisCoordinator.from_url(
+        url.get_secret_value(), owner=f"{s.node}:{os.getpid()}", ledger_ttl=float(c.ledger_ttl),
+        lease_ttl=c.lease_ttl, limits=limits, credential_counts=counts)
+
+
+def upkeep_config(s: FerrySettings) -> UpkeepConfig:
+    from workers.app import CLEANUP_TASK, SYNC_QUEUE, node_queue
+
+    return UpkeepConfig(
+        node=s.node, engine=s.engine, cache_dir=cache_dir(s), min_free_bytes=int(s.cache.min_free_bytes),
+        sync_queue=SYNC_QUEUE, node_queue=node_queue(s.node), cleanup_task=CLEANUP_TASK,
+        cleanup_interval=float(s.cleanup_interval), check_interval=float(s.disk_check_interval))
 
 
 def cache_dir(s: FerrySettings) -> Path:

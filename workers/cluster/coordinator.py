@@ -50,7 +50,12 @@ class RedisCoordinator:
         self.ledger = BlobLedger(client, ledger_ttl)
         self.leases = Leases(client, self.renewer, ttl=lease_ttl, owner=self.owner)
         merged = dict(DEFAULT_LIMITS)
-        merged.update({canonical_registry(k): v for k, v in (limits or {}).items()})
+        for host, limit in (limits or {}).items():
+            reg = canonical_registry(host)
+            base = merged.get(reg, Limit())
+            # A setting given for one limit keeps the default of the other.
+            merged[reg] = Limit(limit.max_concurrency or base.max_concurrency,
+                                limit.requests_per_second or base.requests_per_second, limit.burst)
         self.limiter = RateLimiter(client, self.renewer, merged, slot_ttl=max(3 * lease_ttl, 10.0))
         self.quota = QuotaBoard(client, {canonical_registry(k): v for k, v in (credential_counts or {}).items()})
 
