@@ -51,6 +51,8 @@ class CacheSettings(BaseModel):
     """Per-node blob cache policy; names follow BuildKit's GC settings."""
 
     enabled: bool = True
+    # Also cache single-destination syncs (by default only multi-target ones use the cache).
+    single_target: bool = False
     dir: str = "~/.cache/ferry/blobs"
     keep_duration: NonNegativeInt = 3600
     keep_bytes: ByteSize = ByteSize(10 * 1024**3)

@@ -128,6 +128,7 @@ def build_engine(name: str, s: FerrySettings) -> Engine:
             retry_base_delay=s.retry.base_delay,
             retry_max_delay=s.retry.max_delay,
             mirrors={h: list(r.mirrors) for h, r in s.registries.items() if r.mirrors},
+            cache_single_target=s.cache.single_target,
         )
         return RegistryEngine(options, keychain=keychain, cache=cache)
     raise ValueError(f"unknown engine {name!r}: choose registry or docker")

@@ -31,7 +31,9 @@ from workers.engine.errors import (
     UnsupportedMediaType,
     transport_error,
 )
+from workers.engine.local_coordinator import LocalCoordinator
 from workers.engine.manifests import Descriptor
+from workers.engine.protocols import Coordinator
 from workers.engine.transport import RegistryTransport
 
 if TYPE_CHECKING:
@@ -291,6 +293,7 @@ class BlobCopier:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         cache: BlobCache | None = None,
         tracker: BlobTracker | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be positive")
@@ -298,25 +301,39 @@ class BlobCopier:
         self.chunk_size = chunk_size
         self.cache = cache
         self.tracker = tracker or BlobTracker()
+        self.coordinator: Coordinator = coordinator or LocalCoordinator()
 
     def copy(self, src: Reference, dst: Reference, desc: Descriptor,
-             progress: ProgressFn | None = None) -> BlobResult:
-        """Make ``desc`` exist in ``dst``'s repository; raises a RegistryError on failure."""
+             progress: ProgressFn | None = None, *, use_cache: bool = True) -> BlobResult:
+        """Make ``desc`` exist in ``dst``'s repository; raises a RegistryError on failure.
+
+        ``use_cache`` lets the node cache serve or keep the bytes (worth it when several
+        destinations want the same blob).
+        """
         host = dst.api_host
         try:
             with self.tracker.exclusive(host, desc.digest):
+                tried: set[str] = set()
+                found = self._known(src, dst, desc.digest, tried)
+                if found is not None:
+                    return found
                 if self.exists(dst, desc.digest):
-                    self.tracker.note(host, desc.digest, dst.repository)
+                    self._note(dst, desc.digest)
                     return BlobResult(desc.digest, "skipped")
-                for repo in self._mount_sources(src, dst, desc.digest):
-                    if self._mount(dst, desc.digest, repo):
-                        self.tracker.note(host, desc.digest, dst.repository)
-                        return BlobResult(desc.digest, "mounted")
-                result = self._upload(src, dst, desc, progress)
-                self.tracker.note(host, desc.digest, dst.repository)
-                if src.api_host == host:
-                    self.tracker.note(host, desc.digest, src.repository)
-                return result
+                # One upload of a digest per registry in the whole cluster.
+                with self.coordinator.upload_lease(host, desc.digest) as held:
+                    # Whoever finished first recorded it before letting go of the lease.
+                    found = self._known(src, dst, desc.digest, tried)
+                    if found is not None:
+                        return found
+                    if not held and self.exists(dst, desc.digest):
+                        self._note(dst, desc.digest)
+                        return BlobResult(desc.digest, "skipped")
+                    result = self._upload(src, dst, desc, progress, self.cache if use_cache else None)
+                    self._note(dst, desc.digest)
+                    if src.api_host == host:
+                        self._note(src, desc.digest)
+                    return result
         except RegistryError as exc:
             raise exc.with_reference(dst) from None
 
@@ -328,11 +345,34 @@ class BlobCopier:
             return False
         return True
 
-    def _mount_sources(self, src: Reference, dst: Reference, digest: str) -> list[str]:
+    def _note(self, ref: Reference, digest: str) -> None:
+        self.tracker.note(ref.api_host, digest, ref.repository)
+        self.coordinator.record_blob(ref.api_host, ref.repository, digest)
+
+    def _known(self, src: Reference, dst: Reference, digest: str, tried: set[str]) -> BlobResult | None:
+        """Skip or mount using what this process and the cluster ledger know, without a HEAD;
+        repositories in ``tried`` are not asked twice."""
+        ledger = self.coordinator.known_locations(dst.api_host, digest)
+        if dst.repository in ledger:
+            self.tracker.note(dst.api_host, digest, dst.repository)
+            return BlobResult(digest, "skipped")
+        for repo in self._mount_sources(src, dst, digest, ledger):
+            if repo in tried:
+                continue
+            tried.add(repo)
+            if self._mount(dst, digest, repo):
+                self._note(dst, digest)
+                return BlobResult(digest, "mounted")
+            # Refused: the registry no longer has it there (garbage-collected).
+            self.coordinator.forget_blob(dst.api_host, repo, digest)
+        return None
+
+    def _mount_sources(self, src: Reference, dst: Reference, digest: str,
+                       ledger: list[str] | None = None) -> list[str]:
         repos = []
         if src.api_host == dst.api_host and src.repository != dst.repository:
             repos.append(src.repository)
-        for repo in self.tracker.repositories(dst.api_host, digest):
+        for repo in [*(ledger or []), *self.tracker.repositories(dst.api_host, digest)]:
             if repo != dst.repository and repo not in repos:
                 repos.append(repo)
         return repos[:MAX_MOUNT_TRIES]
@@ -379,12 +419,12 @@ class BlobCopier:
         return open_at
 
     def _upload(self, src: Reference, dst: Reference, desc: Descriptor,
-                progress: ProgressFn | None) -> BlobResult:
+                progress: ProgressFn | None, cache: BlobCache | None) -> BlobResult:
         with contextlib.ExitStack() as stack:
             cached = None
-            if self.cache is not None:
-                stack.enter_context(self.cache.lease(desc.digest))
-                cached = self.cache.get(desc.digest)
+            if cache is not None:
+                stack.enter_context(cache.lease(desc.digest))
+                cached = cache.get(desc.digest)
             tee: _Tee | None = None
             if cached is not None:
                 path = cached
@@ -396,9 +436,9 @@ class BlobCopier:
 
                 reader = _Reader(open_file, desc, None, remote=False)
             else:
-                if self.cache is not None:
+                if cache is not None:
                     try:
-                        tee = _Tee(self.cache, desc)
+                        tee = _Tee(cache, desc)
                     except Exception as exc:
                         log.warning("blob cache unavailable for %s: %s", desc.digest, exc)
                 reader = _Reader(self._remote_opener(src, desc.digest), desc, tee, remote=True)

@@ -95,25 +95,36 @@ def select_platforms(
     return parse_manifest(raw, content_type=index.media_type, digest=sha256_digest(raw))
 
 
-def plan_image(transport: RegistryTransport, src: Reference, root: Manifest) -> ImagePlan:
-    """Fetch every manifest under ``root`` and list the blobs (each once)."""
+def plan_image(transport: RegistryTransport, src: Reference, root: Manifest,
+               executor: Executor | None = None) -> ImagePlan:
+    """Fetch every manifest under ``root`` and list the blobs (each once).
+
+    The root's children are fetched concurrently on ``executor`` (one round trip for a
+    whole multi-arch index instead of one per platform); deeper levels are rare.
+    """
     ordered: list[Manifest] = []
     blobs: dict[str, Descriptor] = {}
     seen: set[str] = set()
 
-    def walk(m: Manifest, depth: int) -> None:
+    def walk(m: Manifest, depth: int, fetched: dict[str, Manifest]) -> None:
         if depth > MAX_DEPTH:
             raise ManifestError(f"indexes nested deeper than {MAX_DEPTH} levels", reference=str(src))
         for child in m.children:
             if child.digest in seen:
                 continue
             seen.add(child.digest)
-            walk(get_manifest(transport, src, child.digest), depth + 1)
+            sub = fetched.get(child.digest) or get_manifest(transport, src, child.digest)
+            walk(sub, depth + 1, {})
         for b in m.blobs():
             blobs.setdefault(b.digest, b)
         ordered.append(m)
 
-    walk(root, 0)
+    prefetched: dict[str, Manifest] = {}
+    wanted = list(dict.fromkeys(c.digest for c in root.children))
+    if executor is not None and len(wanted) > 1:
+        got = executor.map(lambda d: get_manifest(transport, src, d), wanted)
+        prefetched = {m.digest: m for m in got}
+    walk(root, 0, prefetched)
     return ImagePlan(root, ordered, list(blobs.values()), digest_changed=False)
 
 
@@ -126,47 +137,54 @@ def copy_image(
     *,
     platforms: Sequence[Platform] = (),
     progress: ProgressFn | None = None,
+    cache_single_target: bool = False,
 ) -> CopyOutcome:
     """Copy ``src`` to every destination. Source failures raise; a destination's failure
-    is recorded in the outcome and the other destinations still get their copy."""
-    head = head_manifest(transport, src)
-    if head is None:
-        raise NotFound("manifest unknown", codes=["MANIFEST_UNKNOWN"], status=404, reference=str(src))
-    outcome = CopyOutcome(source_digest=head.digest)
-    src_pinned = src.with_digest(head.digest)
+    is recorded in the outcome and the other destinations still get their copy.
+
+    The node cache is used when several destinations want the blobs (one download serves
+    them all), or always with ``cache_single_target``.
+    """
+    # The source lookup and the destinations' HEADs are independent: one round trip for all.
+    src_future = executor.submit(_resolve_source, transport, src)
+    dst_futures = [executor.submit(head_manifest, transport, d) for d in destinations]
+    source_digest, fetched = src_future.result()
+    outcome = CopyOutcome(source_digest=source_digest)
+    src_pinned = src.with_digest(source_digest)
 
     plan: ImagePlan | None = None
     if platforms:
         # The pushed digest depends on the filter, so the manifest is needed to compare.
-        manifest = get_manifest(transport, src_pinned)
+        manifest = fetched or get_manifest(transport, src_pinned)
         root = select_platforms(transport, src_pinned, manifest, platforms) if manifest.is_index else manifest
-        plan = plan_image(transport, src_pinned, root)
-        plan.digest_changed = root.digest != head.digest
+        plan = plan_image(transport, src_pinned, root, executor)
+        plan.digest_changed = root.digest != source_digest
         target = root.digest
     else:
-        target = head.digest
+        target = source_digest
 
     pending: list[Reference] = []
-    for dst in destinations:
+    for dst, dst_future in zip(destinations, dst_futures, strict=True):
         try:
-            dhead = head_manifest(transport, dst)
+            dhead = dst_future.result()
         except RegistryError as exc:
             _fail(outcome, dst, exc)
             continue
         if dhead is not None and dhead.digest == target:
             outcome.destinations.append(DestinationResult(
                 destination=str(dst), status="up_to_date", digest=target,
-                digest_changed=target != head.digest))
+                digest_changed=target != source_digest))
         else:
             pending.append(dst)
     if not pending:
         return outcome
     if plan is None:
-        plan = plan_image(transport, src_pinned, get_manifest(transport, src_pinned))
+        plan = plan_image(transport, src_pinned, fetched or get_manifest(transport, src_pinned), executor)
 
     for dst in pending:
         try:
-            result, downloaded = _copy_to(transport, copier, executor, src_pinned, dst, plan, progress)
+            result, downloaded = _copy_to(transport, copier, executor, src_pinned, dst, plan, progress,
+                                          use_cache=cache_single_target or len(pending) > 1)
         except RegistryError as exc:
             _fail(outcome, dst, exc)
             continue
@@ -177,6 +195,15 @@ def copy_image(
     order = {str(d): i for i, d in enumerate(destinations)}
     outcome.destinations.sort(key=lambda r: order.get(r.destination, len(order)))
     return outcome
+
+
+def _resolve_source(transport: RegistryTransport, src: Reference) -> tuple[str, Manifest | None]:
+    """The source's digest by HEAD (free of Docker Hub's pull quota), or by GET where a
+    registry sends no digest header — then the fetched manifest is kept for reuse."""
+    head = head_manifest(transport, src)
+    if head is None:
+        raise NotFound("manifest unknown", codes=["MANIFEST_UNKNOWN"], status=404, reference=str(src))
+    return head.digest, head.manifest
 
 
 def _fail(outcome: CopyOutcome, dst: Reference, exc: RegistryError) -> None:
@@ -193,15 +220,21 @@ def _copy_to(
     dst: Reference,
     plan: ImagePlan,
     progress: ProgressFn | None,
+    *,
+    use_cache: bool,
 ) -> tuple[DestinationResult, int]:
     """Push the plan to one destination; returns its result and the bytes read from the source."""
-    results = _copy_blobs(copier, executor, src, dst, plan.blobs, progress)
+    results = _copy_blobs(copier, executor, src, dst, plan.blobs, progress, use_cache)
     root = plan.root
-    for m in plan.manifests:
-        if m is not root:
-            put_manifest(transport, dst, m.digest, m)
     tag = dst.tag if dst.tag is not None else (None if dst.digest else src.tag)
-    put_manifest(transport, dst, tag or root.digest, root)
+    # Two tasks writing one tag take turns; the second skips if the first wrote the same.
+    with copier.coordinator.manifest_lease(dst.api_host, dst.repository, tag or root.digest) as held:
+        current = None if held else head_manifest(transport, dst.with_tag(tag) if tag else dst)
+        if current is None or current.digest != root.digest:
+            for m in plan.manifests:
+                if m is not root:
+                    put_manifest(transport, dst, m.digest, m)
+            put_manifest(transport, dst, tag or root.digest, root)
     return DestinationResult(
         destination=str(dst),
         status="synced",
@@ -221,6 +254,7 @@ def _copy_blobs(
     dst: Reference,
     blobs: Sequence[Descriptor],
     progress: ProgressFn | None,
+    use_cache: bool,
 ) -> list[BlobResult]:
     """All blobs, ``executor``-many at once; the first failure cancels what has not started."""
     stop = threading.Event()
@@ -228,7 +262,7 @@ def _copy_blobs(
     def one(desc: Descriptor) -> BlobResult:
         if stop.is_set():
             raise RegistryError("cancelled after another blob failed")
-        return copier.copy(src, dst, desc, progress)
+        return copier.copy(src, dst, desc, progress, use_cache=use_cache)
 
     futures: list[Future[BlobResult]] = [executor.submit(one, d) for d in blobs]
     done, _ = wait(futures, return_when=FIRST_EXCEPTION)

@@ -118,6 +118,8 @@ class ManifestHead:
     digest: str
     media_type: str
     size: int | None
+    # Set when the registry sent no digest header and the manifest had to be fetched.
+    manifest: Manifest | None = None
 
 
 def parse_manifest(raw: bytes, *, content_type: str | None, digest: str | None = None) -> Manifest:
@@ -197,7 +199,7 @@ def head_manifest(transport: RegistryTransport, ref: Reference) -> ManifestHead 
         m = get_manifest(transport, ref)
     except NotFound:
         return None
-    return ManifestHead(m.digest, m.media_type, len(m.raw))
+    return ManifestHead(m.digest, m.media_type, len(m.raw), manifest=m)
 
 
 def get_manifest(transport: RegistryTransport, ref: Reference, digest: str | None = None) -> Manifest:

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 from config.jobs import SyncJob, SyncResult
 from config.reference import Platform, Reference
-from workers.engine.auth import Keychain
+from workers.engine.auth import Keychain, canonical_registry
 from workers.engine.blobs import DEFAULT_CHUNK_SIZE, BlobCopier
 from workers.engine.cache import BlobCache
-from workers.engine.copy import copy_image
+from workers.engine.copy import CopyOutcome, copy_image
 from workers.engine.errors import RegistryError
-from workers.engine.protocols import ProgressFn
+from workers.engine.protocols import Coordinator, ProgressFn
 from workers.engine.retry import RetryPolicy
 from workers.engine.transport import DEFAULT_USER_AGENT, MAX_CONNECTIONS_PER_HOST, RegistryTransport
 
@@ -41,8 +41,13 @@ class RegistryOptions:
     read_timeout: float = 60.0
     user_agent: str = DEFAULT_USER_AGENT
     max_connections_per_host: int = MAX_CONNECTIONS_PER_HOST
-    # Pull-through mirrors per source registry; accepted but not used yet.
+    # Keep blobs in the node cache even for one destination (retries and later batches hit it).
+    cache_single_target: bool = False
+    # Pull-through mirrors per source registry (``docker.io`` → ``["mirror:5000"]``): tried
+    # first, in order; the origin when a mirror fails or lacks the image.
     mirrors: Mapping[str, list[str]] = field(default_factory=dict)
+    # Pause a registry for the cluster when RateLimit-Remaining falls below this.
+    quota_floor: int = 1
 
 
 class RegistryEngine:
@@ -55,9 +60,11 @@ class RegistryEngine:
         options: RegistryOptions | None = None,
         keychain: Keychain | None = None,
         cache: BlobCache | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self.options = options or RegistryOptions()
         o = self.options
+        self.mirrors = {canonical_registry(k): list(v) for k, v in o.mirrors.items()}
         self.transport = RegistryTransport(
             keychain=keychain,
             insecure_registries=o.insecure_registries,
@@ -66,8 +73,10 @@ class RegistryEngine:
             read_timeout=o.read_timeout,
             user_agent=o.user_agent,
             max_connections=o.max_connections_per_host,
+            coordinator=coordinator,
+            quota_floor=o.quota_floor,
         )
-        self.blobs = BlobCopier(self.transport, chunk_size=o.chunk_size, cache=cache)
+        self.blobs = BlobCopier(self.transport, chunk_size=o.chunk_size, cache=cache, coordinator=coordinator)
         self._executor = ThreadPoolExecutor(max_workers=o.blob_concurrency, thread_name_prefix="ferry-blob")
 
     def sync(self, job: SyncJob, progress: ProgressFn) -> SyncResult:
@@ -83,14 +92,41 @@ class RegistryEngine:
             return result.model_copy(update={"error": str(exc), "error_code": "INVALID_REFERENCE",
                                              "duration_s": time.monotonic() - t0})
         try:
-            outcome = copy_image(self.transport, self.blobs, self._executor, src, dsts,
-                                 platforms=platforms, progress=progress)
+            outcome = self._copy_via_mirrors(src, dsts, platforms, progress)
         except RegistryError as exc:
             exc.with_reference(src)
             log.info("sync of %s failed: %s", src, exc)
             return result.model_copy(update={
                 "error": str(exc), "error_code": exc.code, "temporary": exc.temporary,
                 "duration_s": time.monotonic() - t0, "warnings": self._warnings(src)})
+        return self._finish(result, outcome, src, t0)
+
+    def sources(self, src: Reference) -> list[Reference]:
+        """Where to read ``src`` from: its registry's mirrors first, then the registry."""
+        mirrors = self.mirrors.get(canonical_registry(src.registry), [])
+        return [*(src.with_name(m, src.repository) for m in mirrors), src]
+
+    def _copy_via_mirrors(self, src: Reference, dsts: list[Reference], platforms: list[Platform],
+                          progress: ProgressFn) -> CopyOutcome:
+        candidates = self.sources(src)
+        for i, source in enumerate(candidates):
+            try:
+                return self._copy(source, dsts, platforms, progress)
+            except RegistryError as exc:
+                if i == len(candidates) - 1:
+                    raise
+                # Blobs already copied through the mirror are skipped on the way round.
+                log.info("mirror %s failed for %s (%s); trying %s", source.registry, src, exc,
+                         candidates[i + 1].registry)
+        raise AssertionError("unreachable")
+
+    def _copy(self, src: Reference, dsts: list[Reference], platforms: list[Platform],
+              progress: ProgressFn) -> CopyOutcome:
+        return copy_image(self.transport, self.blobs, self._executor, src, dsts,
+                          platforms=platforms, progress=progress,
+                          cache_single_target=self.options.cache_single_target)
+
+    def _finish(self, result: SyncResult, outcome: CopyOutcome, src: Reference, t0: float) -> SyncResult:
         failures = list(outcome.failures.values())
         statuses = {d.status for d in outcome.destinations}
         if failures:
