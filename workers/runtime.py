@@ -59,17 +59,20 @@ def engine(name: str) -> Engine:
         st = _local()
         key = f"engine:{name}"
         if key not in st:
-            st[key] = build_engine(name, settings())
+            st[key] = build_engine(name, settings(), _coordinator(st))
         return st[key]  # type: ignore[return-value]
 
 
 def coordinator() -> Coordinator:
     """This process's link to the cluster (a local stand-in when no Redis is configured)."""
     with _lock:
-        st = _local()
-        if "coordinator" not in st:
-            st["coordinator"] = build_coordinator(settings())
-        return st["coordinator"]  # type: ignore[return-value]
+        return _coordinator(_local())
+
+
+def _coordinator(st: dict[str, object]) -> Coordinator:
+    if "coordinator" not in st:
+        st["coordinator"] = build_coordinator(settings())
+    return st["coordinator"]  # type: ignore[return-value]
 
 
 def build_coordinator(s: FerrySettings) -> Coordinator:
@@ -101,7 +104,7 @@ def cache_dir(s: FerrySettings) -> Path:
     return Path(os.path.expanduser(s.cache.dir)) / s.node
 
 
-def build_engine(name: str, s: FerrySettings) -> Engine:
+def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = None) -> Engine:
     from workers.credentials import keychain_from_settings
 
     keychain = keychain_from_settings(s)
@@ -128,9 +131,10 @@ def build_engine(name: str, s: FerrySettings) -> Engine:
             retry_base_delay=s.retry.base_delay,
             retry_max_delay=s.retry.max_delay,
             mirrors={h: list(r.mirrors) for h, r in s.registries.items() if r.mirrors},
+            quota_floor=s.coordination.quota_floor,
             cache_single_target=s.cache.single_target,
         )
-        return RegistryEngine(options, keychain=keychain, cache=cache)
+        return RegistryEngine(options, keychain=keychain, cache=cache, coordinator=coordinator)
     raise ValueError(f"unknown engine {name!r}: choose registry or docker")
 
 

@@ -19,7 +19,9 @@ import httpx
 from config.reference import host_is_loopback
 from workers.engine.auth import AnonymousKeychain, Keychain, RegistryAuth
 from workers.engine.errors import RegistryError, error_from_response, transport_error
+from workers.engine.protocols import Coordinator
 from workers.engine.retry import RetryPolicy
+from workers.engine.throttle import ThrottledTransport
 
 VERSION = "0.1.0"
 DEFAULT_USER_AGENT = f"ferry/{VERSION}"
@@ -74,6 +76,8 @@ class RegistryTransport:
         user_agent: str = DEFAULT_USER_AGENT,
         max_connections: int = MAX_CONNECTIONS_PER_HOST,
         auth_factory: AuthFactory = default_auth,
+        coordinator: Coordinator | None = None,
+        quota_floor: int = 1,
     ) -> None:
         self.keychain: Keychain = keychain or AnonymousKeychain()
         self.insecure = frozenset(insecure_registries)
@@ -82,6 +86,9 @@ class RegistryTransport:
         self.user_agent = user_agent
         self.max_connections = max_connections
         self._auth_factory = auth_factory
+        # Cluster limits and quota pauses apply to every request on the wire.
+        self.coordinator = coordinator
+        self.quota_floor = quota_floor
         self._clients: dict[str, httpx.Client] = {}
         self._auths: list[httpx.Auth] = []
         self._quotas: dict[str, RateQuota] = {}
@@ -113,7 +120,9 @@ class RegistryTransport:
             keepalive_expiry=60.0,
         )
         # retries=0: RetryPolicy is the only place that retries.
-        transport = httpx.HTTPTransport(verify=True, limits=limits, retries=0)
+        transport: httpx.BaseTransport = httpx.HTTPTransport(verify=True, limits=limits, retries=0)
+        if self.coordinator is not None:
+            transport = ThrottledTransport(transport, host, self.coordinator, quota_floor=self.quota_floor)
         auth = self._auth_factory(host, self.keychain, self.scheme(host) == "http")
         if auth is not None:
             self._auths.append(auth)
