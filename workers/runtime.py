@@ -117,6 +117,7 @@ def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = 
             attempts=s.retry.attempts,
             base_delay=s.retry.base_delay,
             max_delay=s.retry.max_delay,
+            busy_lock=cache_dir(s) / "docker.lock",
         )
     if name == "registry":
         from workers.engine.registry import RegistryEngine, RegistryOptions

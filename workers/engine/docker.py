@@ -9,13 +9,17 @@ a Docker daemon can reach the source.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
@@ -222,8 +226,13 @@ class DockerEngine:
         default_platform: str = "linux/amd64",
         timeout: float = 300.0,
         sleep: Callable[[float], None] = time.sleep,
+        busy_lock: Path | None = None,
     ) -> None:
         self.docker_host = docker_host
+        # Shared by every sync on this node, exclusive for pruning: a freshly pulled image is
+        # briefly untagged, and images built reproducibly claim to be decades old, so a prune
+        # running beside a pull could delete it.
+        self.busy_lock = busy_lock
         self.keychain = keychain
         self.default_platform = Platform.parse(default_platform)
         self.timeout = timeout
@@ -308,6 +317,29 @@ class DockerEngine:
     # -- sync ------------------------------------------------------------------------
 
     def sync(self, job: SyncJob, progress: ProgressFn) -> SyncResult:
+        with self._node_lock(exclusive=False, wait=True):
+            return self._sync(job, progress)
+
+    @contextlib.contextmanager
+    def _node_lock(self, *, exclusive: bool, wait: bool) -> Iterator[bool]:
+        """Yields whether the lock is held (always, when waiting or when no lock is configured)."""
+        if self.busy_lock is None:
+            yield True
+            return
+        self.busy_lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.busy_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
+            try:
+                fcntl.flock(fd, flags)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def _sync(self, job: SyncJob, progress: ProgressFn) -> SyncResult:
         started = time.time()
         result = SyncResult(
             batch_id=job.batch_id,
@@ -478,6 +510,30 @@ class DockerEngine:
 
     # -- cleanup ---------------------------------------------------------------------
 
+    @staticmethod
+    def _prune(api: Any, keep_duration: float, errors: list[str]) -> tuple[int, int]:
+        """Dangling images and build cache older than keep_duration; returns (bytes, items)."""
+        freed_bytes = freed_items = 0
+        until = f"{max(0, int(keep_duration))}s"
+        try:
+            pruned = api.prune_images(filters={"dangling": True, "until": until})
+            freed_items += len([r for r in pruned.get("ImagesDeleted") or [] if r.get("Deleted")])
+            freed_bytes += int(pruned.get("SpaceReclaimed") or 0)
+        except docker.errors.APIError as e:
+            errors.append(f"prune images: {e.explanation or e}")
+        try:
+            builds = api.prune_builds(filters={"until": until})
+            freed_items += len(builds.get("CachesDeleted") or [])
+            freed_bytes += int(builds.get("SpaceReclaimed") or 0)
+        except docker.errors.APIError as e:
+            # Daemons without a build cache (or BuildKit) answer 404/501: nothing to prune.
+            text = str(e.explanation or e)
+            if e.status_code not in (404, 501) and "not supported" not in text.lower():
+                errors.append(f"prune build cache: {text}")
+        except docker.errors.InvalidVersion:
+            pass
+        return freed_bytes, freed_items
+
     def cleanup(self, keep_duration: float, remove: list[str] | None = None) -> CleanupStats:
         """Remove the given local refs, then prune dangling images and build cache older than keep_duration."""
         freed_bytes = freed_items = 0
@@ -491,30 +547,18 @@ class DockerEngine:
                 except docker.errors.NotFound:
                     continue
                 except docker.errors.APIError as e:
-                    errors.append(f"remove {ref}: {e.explanation or e}")
+                    # Another cleanup on this node may have removed the image between the two calls.
+                    if "unrecognized image" not in str(e.explanation or e):
+                        errors.append(f"remove {ref}: {e.explanation or e}")
                     continue
                 if any(isinstance(r, dict) and r.get("Deleted") == img["Id"] for r in removed or []):
                     freed_bytes += int(img.get("Size") or 0)
                     freed_items += 1
-            until = f"{max(0, int(keep_duration))}s"
-            try:
-                pruned = api.prune_images(filters={"dangling": True, "until": until})
-                deleted = [r for r in pruned.get("ImagesDeleted") or [] if r.get("Deleted")]
-                freed_items += len(deleted)
-                freed_bytes += int(pruned.get("SpaceReclaimed") or 0)
-            except docker.errors.APIError as e:
-                errors.append(f"prune images: {e.explanation or e}")
-            try:
-                builds = api.prune_builds(filters={"until": until})
-                freed_items += len(builds.get("CachesDeleted") or [])
-                freed_bytes += int(builds.get("SpaceReclaimed") or 0)
-            except docker.errors.APIError as e:
-                # Daemons without a build cache (or BuildKit) answer 404/501: nothing to prune.
-                text = str(e.explanation or e)
-                if e.status_code not in (404, 501) and "not supported" not in text.lower():
-                    errors.append(f"prune build cache: {text}")
-            except docker.errors.InvalidVersion:
-                pass
+            with self._node_lock(exclusive=True, wait=False) as idle:
+                if idle:  # a busy node is pruned by the next cleanup that finds it idle
+                    pruned_bytes, pruned_items = self._prune(api, keep_duration, errors)
+                    freed_bytes += pruned_bytes
+                    freed_items += pruned_items
             df = api.df()
             images = df.get("Images") or []
             kept_bytes, kept_items = int(df.get("LayersSize") or 0), len(images)
