@@ -1,0 +1,325 @@
+"""Cluster coordination end to end: real Redis, real worker processes, real registries.
+
+Every count is taken at a FaultProxy in front of a registry, never from ferry's logs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from config.jobs import SyncJob
+from tests.support.cluster import Cluster, make_cluster_fixture, wait_proc  # noqa: F401  (fixture)
+from tests.support.faultproxy import FaultProxy, Rule, delay, status
+from tests.support.images import Image, Pusher, push_image
+from tests.support.procs import wait_until
+from tests.support.registry import Registry
+from workers.cluster import keys
+from workers.cluster.coordinator import RedisCoordinator
+from workers.engine.cache import BlobCache, CachePolicy
+from workers.engine.local_coordinator import LocalCoordinator
+from workers.engine.protocols import Coordinator
+from workers.engine.registry import RegistryEngine, RegistryOptions
+
+pytestmark = pytest.mark.cluster
+
+MakeProxy = Callable[[str], FaultProxy]
+COMMIT = r"/blobs/uploads/.*[?&]digest=(sha256(:|%3A)[0-9a-f]{64})"
+
+
+def commits(proxy: FaultProxy) -> Counter[str]:
+    """Committed uploads per digest (the PUT that ends an upload, answered 201)."""
+    out: Counter[str] = Counter()
+    for s in proxy.select("PUT", COMMIT, status=201):
+        m = re.search(COMMIT, s.path)
+        assert m is not None
+        out[m.group(1).replace("%3A", ":")] += 1
+    return out
+
+
+def run_batch(cluster: Cluster, lines: list[str], target: str, name: str = "images.txt",
+              timeout: float = 180) -> dict[str, Any]:
+    report = cluster.tmp / f"{name}.json"
+    r = cluster.producer("enqueue", str(cluster.listing(lines, name)), "--target", target, "--wait",
+                         "--json", str(report), timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr + cluster.logs()[-4000:]
+    doc: dict[str, Any] = json.loads(report.read_text())
+    return doc
+
+
+def test_every_unique_blob_is_uploaded_once_in_the_cluster(make_cluster, src: Registry, dst: Registry,
+                                                           src_pusher: Pusher,
+                                                           make_fault_proxy: MakeProxy) -> None:
+    imgs = [push_image(src_pusher, f"apps/a{i}", layers=3, base=2, layer_size=64 * 1024) for i in range(30)]
+    proxy = make_fault_proxy(dst.host)
+    cluster: Cluster = make_cluster()
+    for i in range(3):
+        cluster.start_worker(f"node{i}", concurrency=2)
+    doc = run_batch(cluster, [f"{src.host}/{i.repo}:v1" for i in imgs], f"{proxy.host}/mirror")
+    assert doc["summary"]["synced"] == 30
+    proxy.wait_idle()
+    unique = {b for i in imgs for b in i.blobs}
+    done = commits(proxy)
+    assert set(done) == unique
+    assert [d for d, n in done.items() if n != 1] == []
+    # Every other occurrence of a shared base layer was mounted or skipped, never sent.
+    assert proxy.count("POST", r"mount=", status=201) >= 2 * 29 - 2 * 6
+    assert {r["node"] for r in doc["images"]} == {"node0", "node1", "node2"}
+
+
+def test_request_rate_at_a_limited_source_holds_across_workers(make_cluster, src: Registry, dst: Registry,
+                                                               src_pusher: Pusher,
+                                                               make_fault_proxy: MakeProxy) -> None:
+    imgs = [push_image(src_pusher, f"r/i{i}", layers=4, layer_size=8 * 1024) for i in range(14)]
+    sproxy = make_fault_proxy(src.host)
+    limits = json.dumps({sproxy.host: {"requests_per_second": 5}})
+    cluster: Cluster = make_cluster(FERRY_REGISTRIES=limits)
+    for i in range(3):
+        cluster.start_worker(f"node{i}", concurrency=2)
+    run_batch(cluster, [f"{sproxy.host}/{i.repo}:v1" for i in imgs], f"{dst.host}/mirror")
+    starts = sorted(s.start for s in sproxy.requests)
+    assert len(starts) >= 14 * 6
+    assert sproxy.max_rate(5.0) <= 5 * 5 * 1.1
+    # Busy all along: the limit, not a lack of work, set the pace.
+    steady = [t for t in starts if starts[0] + 1 <= t <= starts[-1] - 1]
+    assert (len(steady) - 1) / (steady[-1] - steady[0]) >= 5 * 0.9
+
+
+def test_quota_pause_stops_every_worker_until_the_reset(make_cluster, src: Registry, dst: Registry,
+                                                        src_pusher: Pusher,
+                                                        make_fault_proxy: MakeProxy) -> None:
+    imgs = [push_image(src_pusher, f"q/i{i}", layers=2, layer_size=8 * 1024) for i in range(6)]
+    sproxy = make_fault_proxy(src.host)
+    cluster: Cluster = make_cluster()
+    for i in range(2):
+        cluster.start_worker(f"node{i}", concurrency=2)
+    spent = status(429, {"RateLimit-Limit": "100;w=21600", "RateLimit-Remaining": "0;w=21600",
+                         "Retry-After": "10", "Content-Type": "application/json"},
+                   b'{"errors":[{"code":"TOOMANYREQUESTS","message":"pull rate limit"}]}')
+    sproxy.add_rule(Rule(spent))
+    first: list[float] = []
+
+    def lift() -> None:
+        wait_until(lambda: bool(sproxy.select(status=429)), 60, "the first 429")
+        first.append(min(s.start for s in sproxy.select(status=429)))
+        time.sleep(max(0.0, first[0] + 9.7 - time.monotonic()))
+        sproxy.clear_rules()
+
+    t = threading.Thread(target=lift)
+    t.start()
+    run_batch(cluster, [f"{sproxy.host}/{i.repo}:v1" for i in imgs], f"{dst.host}/mirror")
+    t.join(30)
+    t0 = first[0]
+    during = [s for s in sproxy.requests if t0 + 0.5 < s.start < t0 + 9.9]
+    assert during == []
+    assert sproxy.count(status=429) <= 8  # only what was already on its way
+    assert sproxy.count("GET", r"/blobs/", status=200) >= 6 * 3
+
+
+def test_a_dead_lease_holder_is_taken_over(make_cluster, src: Registry, dst: Registry, src_pusher: Pusher,
+                                           make_fault_proxy: MakeProxy) -> None:
+    big = 2 * 1024 * 1024
+    imgs = [push_image(src_pusher, f"d/i{i}", layers=2, base=1, layer_size=big) for i in range(2)]
+    shared = imgs[0].blobs[1]
+    assert shared == imgs[1].blobs[1]
+    proxy = make_fault_proxy(dst.host)
+    proxy.add_rule(Rule(delay(1.0), method="PATCH"))
+    lease_ttl = 3.0
+    cluster: Cluster = make_cluster(FERRY_COORDINATION__LEASE_TTL=str(lease_ttl), FERRY_CHUNK_SIZE="262144",
+                                    FERRY_VISIBILITY_TIMEOUT="10")
+    workers = [cluster.start_worker(f"node{i}", concurrency=1) for i in range(2)]
+    listing = cluster.listing([f"{src.host}/{i.repo}:v1" for i in imgs])
+    producer = cluster.producer_bg("enqueue", str(listing), "--target", f"{proxy.host}/mirror", "--wait")
+    key = keys.blob_lease(proxy.host, shared)
+    holder: list[str] = []
+
+    def held() -> bool:
+        with cluster.redis.client() as c:
+            v = c.get(key)
+        holder[:] = [v.decode()] if v else []
+        return bool(holder)
+
+    wait_until(held, 60, "the shared layer's upload lease")
+    doomed = next(w for w in workers if holder[0].startswith(w.node + ":"))
+    survivor = next(w for w in workers if w is not doomed)
+    time.sleep(0.5)
+    doomed.kill()
+    killed = time.monotonic()
+    wait_until(lambda: held() and holder[0].startswith(survivor.node + ":"), lease_ttl + 5, "a new holder")
+    assert time.monotonic() - killed <= lease_ttl + 1.5
+    code, out, err = wait_proc(producer, 120)
+    assert code == 0, out + err + cluster.logs()[-4000:]
+    proxy.wait_idle()
+    assert commits(proxy)[shared] == 1
+    for i in imgs:
+        assert dst.manifest_digest(f"mirror/{i.repo}", "v1") == i.digest
+
+
+def test_pull_through_mirror_serves_the_second_node(make_cluster, make_registry: Callable[..., Registry],
+                                                    src: Registry, src_pusher: Pusher,
+                                                    make_fault_proxy: MakeProxy) -> None:
+    # No layer shared between repositories: distribution's proxy caches blobs per repository.
+    imgs = [push_image(src_pusher, f"m/i{i}", layers=2, layer_size=32 * 1024) for i in range(3)]
+    origin = make_fault_proxy(src.host)
+    mirror = make_registry("mirror", proxy_remote=origin.url)
+    mproxy = make_fault_proxy(mirror.host)
+    dst1, dst2 = make_registry("dst1"), make_registry("dst2")
+    cluster: Cluster = make_cluster(FERRY_REGISTRIES=json.dumps({origin.host: {"mirrors": [mproxy.host]}}))
+    lines = [f"{origin.host}/{i.repo}:v1" for i in imgs]
+    first = cluster.start_worker("node0")
+    run_batch(cluster, lines, f"{dst1.host}/m", "one.txt")
+    first.stop()
+    origin.wait_idle()
+    unique = {b for i in imgs for b in i.blobs}
+    fetched = {re.sub(r".*/blobs/", "", s.path) for s in origin.select("GET", r"/blobs/sha256:", status=200)}
+    assert fetched == unique
+    origin_before, mirror_before = origin.count("GET", r"/blobs/"), mproxy.count("GET", r"/blobs/", status=200)
+
+    cluster.start_worker("node1")
+    run_batch(cluster, lines, f"{dst2.host}/m", "two.txt")
+    origin.wait_idle()
+    # The second node read every blob from the mirror; the origin sent none of them again.
+    assert mproxy.count("GET", r"/blobs/", status=200) - mirror_before == len(unique)
+    assert origin.count("GET", r"/blobs/") == origin_before
+    assert origin.count("GET", r"/blobs/", status=404) == 0
+    for i in imgs:
+        assert dst2.manifest_digest(f"m/{i.repo}", "v1") == i.digest
+
+
+def test_origin_serves_when_the_mirror_fails(make_cluster, src: Registry, dst: Registry, src_pusher: Pusher,
+                                             make_fault_proxy: MakeProxy) -> None:
+    imgs = [push_image(src_pusher, f"n/i{i}", layers=1) for i in range(2)]
+    broken = make_fault_proxy(src.host)
+    broken.add_rule(Rule(status(404, {"Content-Type": "application/json"},
+                                b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"unknown"}]}')))
+    cluster: Cluster = make_cluster(FERRY_REGISTRIES=json.dumps({src.host: {"mirrors": [broken.host]}}))
+    cluster.start_worker("node0")
+    run_batch(cluster, [f"{src.host}/{i.repo}:v1" for i in imgs], f"{dst.host}/mirror")
+    assert broken.count(status=404) >= 2
+    for i in imgs:
+        assert dst.manifest_digest(f"mirror/{i.repo}", "v1") == i.digest
+
+
+def test_disk_floor_pauses_intake_until_cleanup_frees_space(make_cluster, src: Registry, dst: Registry,
+                                                            src_pusher: Pusher) -> None:
+    imgs = [push_image(src_pusher, f"f/i{i}", layers=1) for i in range(3)]
+    cache_root = Path(src.root).parent / "cache" / "node0"
+    import shutil
+    free = shutil.disk_usage(cache_root.parent.parent).free
+    floor = free - 100 * 1024**2
+    cache = BlobCache(cache_root, CachePolicy(keep_duration=0, keep_bytes=10 * 1024**3, min_free_bytes=floor,
+                                              max_parallelism=1))
+    blob = b"\0" * (300 * 1024**2)
+    digest = "sha256:" + __import__("hashlib").sha256(blob).hexdigest()
+    with cache.writer(digest, len(blob)) as f:
+        f.write(blob)
+    del blob
+    lease = cache.lease(digest)
+    lease.__enter__()
+    try:
+        cluster: Cluster = make_cluster(FERRY_CACHE__MIN_FREE_BYTES=str(floor), FERRY_DISK_CHECK_INTERVAL="1",
+                                        FERRY_CLEANUP_INTERVAL="0")
+        w = cluster.start_worker("node0")
+        wait_until(lambda: "taking no new images" in w.log(), 20, "the disk floor")
+        listing = cluster.listing([f"{src.host}/{i.repo}:v1" for i in imgs])
+        producer = cluster.producer_bg("enqueue", str(listing), "--target", f"{dst.host}/mirror", "--wait")
+        time.sleep(4)
+        with cluster.redis.client() as c:
+            assert c.llen("ferry") == 3  # queued, untouched, none failed
+        assert cache.get(digest) is not None
+    finally:
+        lease.__exit__(None, None, None)
+    code, out, err = wait_proc(producer, 90)
+    assert code == 0, out + err
+    assert cache.get(digest) is None  # the node's cleanup freed it
+    for i in imgs:
+        assert dst.manifest_digest(f"mirror/{i.repo}", "v1") == i.digest
+
+
+def test_small_images_are_not_held_up_by_a_large_one(make_cluster, src: Registry, dst: Registry,
+                                                     src_pusher: Pusher, make_fault_proxy: MakeProxy) -> None:
+    big = push_image(src_pusher, "o/big", layers=1, layer_size=256 * 1024)
+    tiny = [push_image(src_pusher, f"o/tiny{i}", layers=1, layer_size=1024) for i in range(6)]
+    sproxy = make_fault_proxy(src.host)
+    sproxy.add_rule(Rule(delay(8.0), method="GET", path_re=big.blobs[1]))
+    dproxy = make_fault_proxy(dst.host)
+    cluster: Cluster = make_cluster()
+    cluster.start_worker("node0", concurrency=2)
+    lines = [f"{sproxy.host}/o/big:v1", *(f"{sproxy.host}/{t.repo}:v1" for t in tiny)]
+    run_batch(cluster, lines, f"{dproxy.host}/mirror")
+    tagged = {re.sub(r"^/v2/mirror/(.*)/manifests/v1$", r"\1", s.path): s.end
+              for s in dproxy.select("PUT", r"/manifests/v1$", status=201)}
+    assert len(tagged) == 7
+    assert max(tagged[t.repo] for t in tiny) < tagged["o/big"]
+
+
+# -- what the ledger saves ------------------------------------------------------------------
+
+def bench_corpus(pusher: Pusher) -> list[Image]:
+    """Like the benchmark's 40 images: 20 apps on 2 shared base layers, 10 multi-arch, 10 tiny."""
+    out = [push_image(pusher, f"apps/app{i}", layers=4, base=2, layer_size=32 * 1024) for i in range(20)]
+    out += [push_image(pusher, f"multi/m{i}", archs=("amd64", "arm64"), layers=2, base=1, layer_size=16 * 1024)
+            for i in range(10)]
+    out += [push_image(pusher, f"tiny/t{i}", layers=1, layer_size=2048) for i in range(10)]
+    return out
+
+
+def sync_with(coordinators: list[Coordinator], src: Registry, target: str, images: list[Image]) -> None:
+    engines = [RegistryEngine(RegistryOptions(blob_concurrency=4), coordinator=c) for c in coordinators]
+    failures: list[str] = []
+
+    def work(n: int) -> None:
+        for img in images[n::len(engines)]:
+            job = SyncJob(batch_id="b", source=f"{src.host}/{img.repo}:v1",
+                          destinations=[f"{target}/{img.repo}:v1"])
+            r = engines[n].sync(job, lambda _: None)
+            if r.status != "synced":
+                failures.append(f"{img.repo}: {r.error}")
+
+    ts = [threading.Thread(target=work, args=(n,)) for n in range(len(engines))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(240)
+    for e in engines:
+        e.close()
+    assert failures == []
+
+
+def test_ledger_saves_destination_requests(make_cluster, make_registry: Callable[..., Registry], src: Registry,
+                                           src_pusher: Pusher, make_fault_proxy: MakeProxy,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    images = bench_corpus(src_pusher)
+    cluster: Cluster = make_cluster()
+    counts: dict[str, list[tuple[int, int, int]]] = {}
+    for mode in ("without", "with"):
+        dst = make_registry(f"dst-{mode}")
+        proxy = make_fault_proxy(dst.host)
+        counts[mode] = []
+        # Cold copy, then the same images into a second namespace by freshly started workers.
+        for namespace in ("mirror", "mirror2"):
+            coords: list[Coordinator] = [LocalCoordinator() for _ in range(3)] if mode == "without" else \
+                [RedisCoordinator.from_url(cluster.redis.url, owner=f"w{i}") for i in range(3)]
+            proxy.reset_counts()
+            sync_with(coords, src, f"{proxy.host}/{namespace}", images)
+            for c in coords:
+                if isinstance(c, RedisCoordinator):
+                    c.close()
+            proxy.wait_idle()
+            counts[mode].append((proxy.count(), proxy.count("HEAD", r"/blobs/"), sum(commits(proxy).values())))
+    with capsys.disabled():
+        print(f"\ndestination requests (total, blob HEADs, blob uploads) for {len(images)} images on 3 workers, "
+              f"cold / into a second namespace: without ledger {counts['without']}, with ledger {counts['with']}")
+    cold_without, again_without = counts["without"]
+    cold_with, again_with = counts["with"]
+    assert cold_with[0] < cold_without[0] and again_with[0] < again_without[0]
+    unique = len({b for i in images for b in i.blobs})
+    assert cold_with[2] == unique and again_with[2] == 0  # uploaded once; then only mounts
