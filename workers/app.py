@@ -49,7 +49,8 @@ def celery_config(settings: FerrySettings) -> dict[str, Any]:
             "retry_on_timeout": True,
             "health_check_interval": 10,
         },
-        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}, "health_check_interval": 10},
+        # Ride out a Redis restart when storing a finished task's result, rather than failing it.
+        "result_backend_transport_options": {"retry_policy": {"timeout": 60.0}, "health_check_interval": 10},
         "redis_backend_health_check_interval": 10,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,

@@ -15,6 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from config.jobs import BatchMeta, CleanupResult, SyncResult
 
@@ -45,9 +49,16 @@ class BatchStore:
         self.ttl = ttl
 
     @classmethod
-    def from_url(cls, url: str, ttl: int) -> BatchStore:
+    def from_url(cls, url: str, ttl: int, *, ride_out: float = 0.0) -> BatchStore:
+        """``ride_out``: seconds to keep retrying through a Redis outage (workers: a restart must
+        not turn a finished copy into a lost outcome); 0 fails fast, as the producer wants."""
+        if ride_out <= 0:
+            return cls(redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10,
+                                            health_check_interval=10, retry_on_timeout=True), ttl)
+        retry = Retry(ExponentialBackoff(cap=2.0, base=0.2), retries=int(ride_out / 2) + 4)
         return cls(redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10,
-                                        health_check_interval=10, retry_on_timeout=True), ttl)
+                                        health_check_interval=10, retry=retry,
+                                        retry_on_error=[RedisConnectionError, RedisTimeoutError]), ttl)
 
     def close(self) -> None:
         self.r.close()

@@ -18,6 +18,9 @@ from workers.engine.local_coordinator import LocalCoordinator
 from workers.engine.protocols import Coordinator, Engine
 from workers.upkeep import UpkeepConfig
 
+# How long a worker keeps retrying outcome writes while Redis restarts.
+BROKER_OUTAGE_S = 60.0
+
 _settings: FerrySettings | None = None
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -50,7 +53,7 @@ def store() -> BatchStore:
             s = settings()
             url = (s.result_url or s.broker_url)
             assert url is not None
-            st["store"] = BatchStore.from_url(url.get_secret_value(), s.result_ttl)
+            st["store"] = BatchStore.from_url(url.get_secret_value(), s.result_ttl, ride_out=BROKER_OUTAGE_S)
         return st["store"]  # type: ignore[return-value]
 
 
