@@ -26,6 +26,17 @@ PREFIX = "ferry:batch:"
 INDEX = "ferry:batches"
 
 
+# HSET unless the field already holds a successful result.
+_KEEP_SUCCESS = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local st = cjson.decode(cur)['status']
+  if st == 'synced' or st == 'up_to_date' then return 0 end
+end
+return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
 def _key(batch_id: str, part: str) -> str:
     return f"{PREFIX}{batch_id}:{part}"
 
@@ -40,7 +51,8 @@ class BatchSnapshot:
 
     @property
     def done(self) -> bool:
-        return len(self.results) >= len(self.meta.task_ids)
+        # By id, not by count: a stray duplicate under a foreign task id must not end the batch early.
+        return all(t in self.results for t in self.meta.task_ids)
 
 
 class BatchStore:
@@ -83,9 +95,11 @@ class BatchStore:
         return BatchMeta.model_validate_json(raw) if raw else None
 
     def record_result(self, result: SyncResult) -> None:
+        """Record a task's outcome; a success already recorded for it stays (first success wins), so a
+        second delivery of the task ("already up to date", or a late failure) cannot overwrite it."""
         b = result.batch_id
         with self.r.pipeline() as p:
-            p.hset(_key(b, "results"), result.task_id, result.model_dump_json())
+            p.eval(_KEEP_SUCCESS, 1, _key(b, "results"), result.task_id, result.model_dump_json())
             p.hdel(_key(b, "state"), result.task_id)
             for part in ("results", "progress", "state"):
                 p.expire(_key(b, part), self.ttl)
