@@ -5,17 +5,21 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from tests.support.cluster import Cluster, children, make_cluster_fixture, wait_proc  # noqa: F401  (fixture)
-from tests.support.faultproxy import FaultProxy, Rule, stall
+from tests.support.faultproxy import FaultProxy, Rule, delay, stall
 from tests.support.images import Image, Pusher, push_image
 from tests.support.procs import wait_until
 from tests.support.registry import Registry
+from tests.support.workers import ROOT
 
 pytestmark = pytest.mark.faults
 
@@ -50,14 +54,18 @@ def task_of(c: Cluster, batch: str, repo: str) -> str:
     return next(t for t, j in zip(m["task_ids"], m["jobs"], strict=True) if f"/{repo}:" in j["source"])
 
 
-def stalled_big_blob(proxy: FaultProxy, seconds: float) -> Rule:
+def big_layer(imgs: dict[str, Image]) -> str:
+    return imgs["big/b"].blobs[1]  # blobs: config, then layers
+
+
+def stalled_big_blob(proxy: FaultProxy, imgs: dict[str, Image], seconds: float) -> Rule:
     """Hold the big layer's first download open so the copy is in flight when the fault hits."""
     return proxy.add_rule(Rule(stall(seconds, after=256 * 1024), method="GET",
-                               path_re=r"/big/b/blobs/sha256:", times=1))
+                               path_re=f"/big/b/blobs/{big_layer(imgs)}", times=1))
 
 
-def in_flight(proxy: FaultProxy) -> bool:
-    return any(s.end is None and s.status == 200 for s in proxy.select("GET", r"/big/b/blobs/"))
+def in_flight(proxy: FaultProxy, imgs: dict[str, Image]) -> bool:
+    return any(s.end is None and s.status == 200 for s in proxy.select("GET", f"/blobs/{big_layer(imgs)}"))
 
 
 def holder(c: Cluster, batch: str, task: str) -> str:
@@ -74,11 +82,11 @@ def test_worker_killed_mid_blob_is_redelivered_to_another(
         c.start_worker(f"node-{n}", concurrency=1)
     imgs = corpus(src_pusher)
     proxy = make_fault_proxy(src.host)
-    stalled_big_blob(proxy, 120)
+    stalled_big_blob(proxy, imgs, 120)
     listing = c.listing(lines_for(proxy.host, imgs))
     run = c.producer_bg("enqueue", str(listing), "--target", f"{dst.host}/mirror", "--wait", "--timeout", "180")
     batch = c.latest_batch()
-    wait_until(lambda: in_flight(proxy), 60, "the big blob in flight")
+    wait_until(lambda: in_flight(proxy, imgs), 60, "the big blob in flight")
     big = task_of(c, batch, "big/b")
     victim = holder(c, batch, big)
 
@@ -93,8 +101,10 @@ def test_worker_killed_mid_blob_is_redelivered_to_another(
     code, out, err = wait_proc(run, 180)
     assert code == 0, out + err
     assert_mirrored(dst, imgs)
+    # The survivor copied it (its own copy outlived the 10 s timeout too and ran again as
+    # "already up to date": the first success stays recorded).
     result = c.results(batch)[big]
-    assert result["status"] == "synced" and result["node"] == survivor
+    assert result["status"] == "synced" and result["node"] == survivor, result
     # Redis gave it back only after the visibility timeout, and not much later.
     assert 8 <= redelivered <= 60
 
@@ -107,11 +117,11 @@ def test_killed_pool_process_is_requeued_at_once(
     w = c.start_worker("solo", concurrency=1)
     imgs = corpus(src_pusher, n_small=1)
     proxy = make_fault_proxy(src.host)
-    stalled_big_blob(proxy, 120)
+    stalled_big_blob(proxy, imgs, 120)
     listing = c.listing(lines_for(proxy.host, imgs))
     run = c.producer_bg("enqueue", str(listing), "--target", f"{dst.host}/mirror", "--wait", "--timeout", "120")
     c.latest_batch()
-    wait_until(lambda: in_flight(proxy), 60, "the big blob in flight")
+    wait_until(lambda: in_flight(proxy, imgs), 60, "the big blob in flight")
     assert w.proc is not None
     pool = children(w.proc.pid)
     assert len(pool) == 1, pool
@@ -125,5 +135,98 @@ def test_killed_pool_process_is_requeued_at_once(
     assert_mirrored(dst, imgs)
     assert took < 60
     assert w.proc.poll() is None, "the worker itself must survive its pool process"
-    assert proxy.count("GET", r"/big/b/blobs/sha256:", status=200) >= 2
+    assert proxy.count("GET", f"/blobs/{big_layer(imgs)}", status=200) >= 2
     assert "WorkerLostError" in w.log()
+
+
+def slow_manifests(proxy: FaultProxy, seconds: float) -> None:
+    """Every manifest GET takes a while, so a batch of small images is still running when a fault hits."""
+    proxy.add_rule(Rule(delay(seconds), method="GET", path_re=r"/small/[^/]+/manifests/"))
+
+
+def test_broker_restart_mid_batch_loses_nothing(
+        make_cluster: Callable[..., Cluster], src: Registry, dst: Registry, src_pusher: Pusher,
+        make_fault_proxy: Callable[[str], FaultProxy]) -> None:
+    c = make_cluster(appendonly=True, FERRY_VISIBILITY_TIMEOUT="15")
+    for n in ("a", "b"):
+        c.start_worker(f"node-{n}", concurrency=1)
+    imgs = corpus(src_pusher, n_small=8)
+    proxy = make_fault_proxy(src.host)
+    stalled_big_blob(proxy, imgs, 6)
+    slow_manifests(proxy, 0.7)
+    listing = c.listing(lines_for(proxy.host, imgs))
+    run = c.producer_bg("enqueue", str(listing), "--target", f"{dst.host}/mirror", "--wait", "--timeout", "200")
+    batch = c.latest_batch()
+    wait_until(lambda: len(c.hash(batch, "results")) >= 2, 60, "two images done")
+    done_before = len(c.hash(batch, "results"))
+    assert done_before < len(imgs), "the batch finished before the broker could be killed"
+
+    c.redis.kill()
+    time.sleep(3)
+    c.redis.start()  # same port, same AOF
+    restarted_at = time.monotonic()
+
+    code, out, err = wait_proc(run, 200)
+    print(f"\nbroker restart: batch finished {time.monotonic() - restarted_at:.1f} s after Redis came back "
+          f"({done_before}/{len(imgs)} done before the kill)")
+    assert code == 0, out + err
+    assert_mirrored(dst, imgs)
+    results = c.results(batch)
+    assert len(results) == len(imgs) and all(r["status"] == "synced" for r in results.values())
+    for w in c.workers:
+        assert w.proc is not None and w.proc.poll() is None, f"{w.node} did not survive the broker restart"
+
+
+PUBLISH = """
+import json, sys
+from config.jobs import SyncJob
+from config.settings import FerrySettings
+from producer.enqueue import publish
+from workers.app import configure
+app = configure(FerrySettings())
+publish(app, [(t, SyncJob.model_validate(j)) for t, j in json.loads(sys.argv[1])])
+app.close()
+"""
+
+
+def publish_raw(c: Cluster, tasks: list[tuple[str, dict[str, Any]]]) -> None:
+    r = subprocess.run([sys.executable, "-c", PUBLISH, json.dumps(tasks)], cwd=ROOT, env=c.env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_duplicate_and_overlapping_deliveries_are_harmless(
+        make_cluster: Callable[..., Cluster], src: Registry, dst: Registry, src_pusher: Pusher,
+        make_fault_proxy: Callable[[str], FaultProxy]) -> None:
+    # The big image outlives a 4 s visibility timeout, so Redis hands it to the second worker
+    # while the first is still copying: the same task runs twice at once.
+    c = make_cluster(FERRY_VISIBILITY_TIMEOUT="4")
+    for n in ("a", "b"):
+        c.start_worker(f"node-{n}", concurrency=1)
+    imgs = corpus(src_pusher, n_small=3)
+    proxy = make_fault_proxy(src.host)
+    stalled_big_blob(proxy, imgs, 12)
+    listing = c.listing(lines_for(proxy.host, imgs))
+    run = c.producer_bg("enqueue", str(listing), "--target", f"{dst.host}/mirror", "--wait", "--timeout", "120")
+    batch = c.latest_batch()
+    m = meta(c, batch)
+    small = [(t, j) for t, j in zip(m["task_ids"], m["jobs"], strict=True) if "/small/" in j["source"]]
+    # The same message again (same id), and the same payload under a foreign id.
+    publish_raw(c, [small[0], small[0], (str(uuid.uuid4()), small[1][1])])
+
+    code, out, err = wait_proc(run, 120)
+    assert code == 0, out + err
+    assert_mirrored(dst, imgs)
+    big = task_of(c, batch, "big/b")
+    received = [line for line in c.logs().splitlines() if f"[{big}] received" in line]
+    assert len(received) >= 2, "the long task was not delivered twice"
+    assert c.results(batch)[big]["status"] == "synced"  # the second run's "up to date" does not replace it
+    report = c.producer("report", batch, "--json", "-")
+    assert report.returncode == 0, report.stdout + report.stderr
+    doc = json.loads(report.stdout)
+    assert doc["summary"]["synced"] + doc["summary"]["up_to_date"] == len(imgs)
+    assert doc["summary"]["failed"] == 0
+    assert sorted(i["source"] for i in doc["images"]) == sorted(j["source"] for j in m["jobs"])
+    # The destination holds exactly the source's layer, byte for byte.
+    for d in imgs["big/b"].blobs:
+        assert dst.has_blob("mirror/big/b", d)
