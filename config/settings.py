@@ -88,6 +88,9 @@ class FerrySettings(BaseSettings):
     blob_concurrency: PositiveInt = 6
     chunk_size: ByteSize = ByteSize(64 * 1024**2)
     visibility_timeout: PositiveInt = 7200
+    # Per registry request: seconds to connect, and seconds without a byte before a read is a stall.
+    connect_timeout: PositiveFloat = 10.0
+    read_timeout: PositiveFloat = 60.0
     result_ttl: PositiveInt = 7 * 24 * 3600
     task_max_retries: NonNegativeInt = 3
     docker_config: str | None = None
