@@ -13,13 +13,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from config.jobs import SyncJob
 from tests.support.faultproxy import max_in_window
+from tests.support.images import Pusher, push_image
 from tests.support.procs import stop, wait_until
 from tests.support.redis import RedisServer
+from tests.support.registry import Registry
 from workers.cluster import keys
 from workers.cluster.coordinator import RedisCoordinator
 from workers.cluster.ratelimit import Limit
 from workers.engine.protocols import Coordinator
+from workers.engine.registry import RegistryEngine, RegistryOptions
 from workers.engine.throttle import quota_reset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,3 +246,26 @@ def test_quota_headers() -> None:
     assert quota_reset(_response(429, {"RateLimit-Reset": "1700000000"}), 1, now) == (None, 1700000000.0)
     assert quota_reset(_response(429, {}), 1, now) == (None, 1002.0)
     wait_until(lambda: True)
+
+
+def test_a_blob_the_ledger_lists_but_the_registry_dropped_is_copied_again(
+    coords, src: Registry, dst: Registry, src_pusher: Pusher,  # type: ignore[no-untyped-def]
+) -> None:
+    img = push_image(src_pusher, "lib/gc", layers=2)
+    engine = RegistryEngine(RegistryOptions(retry_attempts=2, retry_base_delay=0.01, retry_max_delay=0.02),
+                            coordinator=coords(owner="gc"))
+    try:
+        job = SyncJob(batch_id="b", source=f"{src.host}/lib/gc:v1", destinations=[f"{dst.host}/m/gc:v1"])
+        assert engine.sync(job, lambda n: None).status == "synced"
+        # The registry loses a layer and the image (garbage collection); the ledger still lists it.
+        layer = img.blobs[1]
+        with httpx.Client() as c:
+            assert c.delete(f"{dst.url}/v2/m/gc/manifests/{img.digest}").status_code == 202
+            assert c.delete(f"{dst.url}/v2/m/gc/blobs/{layer}").status_code == 202
+        assert not dst.has_blob("m/gc", layer)
+        again = engine.sync(job, lambda n: None)
+        assert again.status == "synced", again.error
+        assert dst.has_blob("m/gc", layer)
+        assert dst.manifest_digest("m/gc", "v1") == img.digest
+    finally:
+        engine.close()

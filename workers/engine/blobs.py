@@ -84,6 +84,12 @@ class BlobTracker:
         with self._lock:
             return list(self._seen.get((host, digest), ()))
 
+    def forget(self, host: str, digest: str, repository: str) -> None:
+        with self._lock:
+            repos = self._seen.get((host, digest))
+            if repos and repository in repos:
+                repos.remove(repository)
+
     @contextlib.contextmanager
     def exclusive(self, host: str, digest: str) -> Iterator[None]:
         """Wait while another thread copies this digest to this registry, then hold it."""
@@ -344,6 +350,11 @@ class BlobCopier:
         except NotFound:
             return False
         return True
+
+    def forget(self, ref: Reference, digest: str) -> None:
+        """The registry no longer has ``digest`` in ``ref``'s repository (garbage-collected)."""
+        self.tracker.forget(ref.api_host, digest, ref.repository)
+        self.coordinator.forget_blob(ref.api_host, ref.repository, digest)
 
     def _note(self, ref: Reference, digest: str) -> None:
         self.tracker.note(ref.api_host, digest, ref.repository)

@@ -34,6 +34,8 @@ from workers.engine.transport import RegistryTransport
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int], None]
+# What a registry answers when a pushed manifest names a blob it does not have.
+BLOB_UNKNOWN_CODES = frozenset({"MANIFEST_BLOB_UNKNOWN", "BLOB_UNKNOWN"})
 # Indexes of indexes exist (nested artifacts); deeper trees are not images.
 MAX_DEPTH = 4
 # buildx attestations point at the image they describe with this annotation.
@@ -225,16 +227,20 @@ def _copy_to(
 ) -> tuple[DestinationResult, int]:
     """Push the plan to one destination; returns its result and the bytes read from the source."""
     results = _copy_blobs(copier, executor, src, dst, plan.blobs, progress, use_cache)
+    try:
+        _push_manifests(transport, copier, src, dst, plan)
+    except RegistryError as exc:
+        if not BLOB_UNKNOWN_CODES.intersection(exc.codes):
+            raise
+        # A blob skipped on the ledger's word was garbage-collected since: forget what was
+        # skipped, copy again (HEAD decides now), push once more.
+        log.info("%s: destination lacks a blob the ledger listed; copying again", dst)
+        for r in results:
+            if r.action == "skipped":
+                copier.forget(dst, r.digest)
+        results = _copy_blobs(copier, executor, src, dst, plan.blobs, progress, use_cache)
+        _push_manifests(transport, copier, src, dst, plan)
     root = plan.root
-    tag = dst.tag if dst.tag is not None else (None if dst.digest else src.tag)
-    # Two tasks writing one tag take turns; the second skips if the first wrote the same.
-    with copier.coordinator.manifest_lease(dst.api_host, dst.repository, tag or root.digest) as held:
-        current = None if held else head_manifest(transport, dst.with_tag(tag) if tag else dst)
-        if current is None or current.digest != root.digest:
-            for m in plan.manifests:
-                if m is not root:
-                    put_manifest(transport, dst, m.digest, m)
-            put_manifest(transport, dst, tag or root.digest, root)
     return DestinationResult(
         destination=str(dst),
         status="synced",
@@ -245,6 +251,21 @@ def _copy_to(
         blobs_skipped=sum(r.action == "skipped" for r in results),
         bytes_transferred=sum(r.uploaded for r in results),
     ), sum(r.downloaded for r in results)
+
+
+def _push_manifests(transport: RegistryTransport, copier: BlobCopier, src: Reference, dst: Reference,
+                    plan: ImagePlan) -> None:
+    """Children by digest, then the root under the tag (or its digest)."""
+    root = plan.root
+    tag = dst.tag if dst.tag is not None else (None if dst.digest else src.tag)
+    # Two tasks writing one tag take turns; the second skips if the first wrote the same.
+    with copier.coordinator.manifest_lease(dst.api_host, dst.repository, tag or root.digest) as held:
+        current = None if held else head_manifest(transport, dst.with_tag(tag) if tag else dst)
+        if current is None or current.digest != root.digest:
+            for m in plan.manifests:
+                if m is not root:
+                    put_manifest(transport, dst, m.digest, m)
+            put_manifest(transport, dst, tag or root.digest, root)
 
 
 def _copy_blobs(
