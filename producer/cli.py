@@ -15,6 +15,7 @@ from typing import Any
 import redis
 from pydantic import SecretStr, ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from config.reference import ReferenceError
 from config.settings import FerrySettings, describe_validation_error
@@ -23,6 +24,7 @@ from producer.mapping import Target, map_destinations
 from producer.report import as_json, render, summarize
 
 USAGE = 2
+# User and registry text passes through rich.markup.escape: "[...]" in it would be read as markup.
 
 
 class UsageError(Exception):
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(args)
         return int(COMMANDS[args.command](args, settings, out, err))
     except UsageError as e:
-        err.print(f"[red]error:[/] {e}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         return USAGE
 
 
@@ -93,12 +95,12 @@ def cmd_enqueue(args: argparse.Namespace, settings: FerrySettings, out: Console,
         mapped = map_destinations(parsed.entries, targets, flatten=args.flatten)
     except ListFileError as e:
         for le in e.errors:
-            err.print(f"[red]{args.list}:{le.line}:[/] {le.reason}: {le.text}", soft_wrap=True)
+            err.print(f"[red]{escape(args.list)}:{le.line}:[/] {escape(le.reason)}: {escape(le.text)}", soft_wrap=True)
         raise UsageError(f"{len(e.errors)} invalid line(s) in {args.list}; nothing was enqueued") from None
     except ReferenceError as e:
         raise UsageError(f"bad --target: {e}") from None
     for w in parsed.warnings:
-        err.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+        err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
     batch_id = new_batch_id()
     jobs = build_jobs(batch_id, mapped, settings.engine)
     if settings.broker_url is None and not args.wait:
@@ -204,7 +206,7 @@ def cmd_status(args: argparse.Namespace, settings: FerrySettings, out: Console, 
         out.print("  ".join(f"{k}={v}" for k, v in doc.items()))
         jobs = dict(zip(snap.meta.task_ids, snap.meta.jobs, strict=True))
         for t, state in running.items():
-            out.print(f"  {jobs[t].source}: {state}", soft_wrap=True)
+            out.print(f"  {escape(jobs[t].source)}: {escape(state)}", soft_wrap=True)
     return 0 if snap.done and summary.failed == 0 else 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from config.jobs import BatchMeta
@@ -38,7 +39,7 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, poll
                 for r in failed:
                     if r.task_id not in seen_failures:
                         seen_failures.add(r.task_id)
-                        console.print(f"[red]failed[/] line {r.line}: {r.source}: {r.error}",
+                        console.print(f"[red]failed[/] line {r.line}: {escape(r.source)}: {escape(str(r.error))}",
                                       highlight=False, soft_wrap=True)
                 bar.update(task, completed=len(snap.results), bytes=human_bytes(moved),
                            rate=f"{human_bytes(rate)}/s", failed=f"{len(failed)} failed" if failed else "")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from workers.batches import BatchSnapshot
@@ -84,13 +85,14 @@ def render(console: Console, snap: BatchSnapshot, summary: Summary, *, details: 
         for tid, job in zip(snap.meta.task_ids, snap.meta.jobs, strict=True):
             r = snap.results.get(tid)
             status = r.status if r else snap.states.get(tid, "queued")
-            per.add_row(str(job.line), job.source, status, "\n".join(job.destinations),
+            per.add_row(str(job.line), escape(job.source), escape(status), escape("\n".join(job.destinations)),
                         r.node if r else "", human_bytes(r.bytes_transferred) if r else "")
         console.print(per)
     for line, source, reason in summary.failures:
-        console.print(f"[red]FAILED[/] line {line}: {source}: {reason}", highlight=False, soft_wrap=True)
+        console.print(f"[red]FAILED[/] line {line}: {escape(source)}: {escape(reason)}", highlight=False,
+                      soft_wrap=True)
     for w in summary.warnings:
-        console.print(f"[yellow]warning[/] {w}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
 def as_json(snap: BatchSnapshot, summary: Summary) -> dict[str, Any]:
