@@ -1,0 +1,79 @@
+"""Load: 1,000 tiny images through two real workers; enqueue time, broker memory and worker RSS."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.support.cluster import Cluster, make_cluster_fixture, tree_rss  # noqa: F401  (fixture)
+from tests.support.images import Pusher, push_image
+from tests.support.procs import wait_until
+from tests.support.registry import Registry
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+IMAGES = 1000
+REPOS = 10  # each tag is its own task; repositories share nothing but the generator's speed
+
+
+def test_thousand_images(make_cluster: Callable[..., Cluster], src: Registry, dst: Registry,
+                         src_pusher: Pusher) -> None:
+    lines: list[str] = []
+    digests: dict[str, str] = {}
+    for r in range(REPOS):
+        img = push_image(src_pusher, f"load/r{r}", "t0", layers=1, layer_size=1024, salt=f"l{r}")
+        body = src_pusher.client.get(f"{src.url}/v2/load/r{r}/manifests/t0",
+                                     headers={"Accept": img.media_type}).content
+        for t in range(IMAGES // REPOS):
+            if t:
+                src_pusher.manifest(f"load/r{r}", f"t{t}", body, img.media_type)
+            lines.append(f"{src.host}/load/r{r}:t{t}")
+            digests[f"load/r{r}:t{t}"] = img.digest
+    c = make_cluster()
+    listing = c.listing(lines)
+
+    t0 = time.monotonic()
+    r = c.producer("enqueue", str(listing), "--target", f"{dst.host}/mirror")
+    enqueue_s = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout + r.stderr
+    batch = r.stdout.strip()
+
+    workers = [c.start_worker(f"n{i}", concurrency=4) for i in range(2)]
+    peak_rss = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak_rss[0] = max(peak_rss[0], sum(tree_rss(w.proc.pid) for w in workers if w.proc))
+            done.wait(0.5)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    t1 = time.monotonic()
+    try:
+        wait_until(lambda: len(c.hash(batch, "results")) >= IMAGES, 300, "1,000 results")
+    finally:
+        done.set()
+        sampler.join()
+    sync_s = time.monotonic() - t1
+
+    report = c.producer("report", batch, "--json", "-")
+    assert report.returncode == 0, report.stdout[-2000:] + report.stderr
+    doc = json.loads(report.stdout)
+    assert doc["summary"]["synced"] + doc["summary"]["up_to_date"] == IMAGES
+    for ref in ("load/r0:t0", "load/r9:t99", "load/r5:t50"):
+        repo, tag = ref.split(":")
+        assert dst.manifest_digest(f"mirror/{repo}", tag) == digests[ref]
+    with c.redis.client() as rc:
+        mem = rc.info("memory")
+    peak = int(mem["used_memory_peak"])
+    print(f"\nload: enqueue of {IMAGES} tasks {enqueue_s:.2f} s (whole producer run); "
+          f"synced in {sync_s:.1f} s by 2 workers x 4 ({IMAGES / sync_s:.0f} images/s); "
+          f"Redis used_memory_peak {peak / 2**20:.1f} MiB; worker RSS peak (both trees) {peak_rss[0] / 2**20:.0f} MiB")
+    assert enqueue_s < 5, "enqueue of 1,000 tasks took over 5 s"
+    assert peak < 256 * 2**20
+    assert 0 < peak_rss[0] < 1536 * 2**20  # 10 processes: two workers, four pool children each
