@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar
 
@@ -29,6 +32,8 @@ T = TypeVar("T")
 
 DEFAULT_LEDGER_TTL = 24 * 3600.0
 DEFAULT_LEASE_TTL = 30.0
+# How stale this process's view of a quota pause may be for a registry without limits.
+PAUSE_RECHECK = 0.25
 # Docker Hub counts and throttles hard; unless configured otherwise stay well below it.
 DEFAULT_LIMITS = {"docker.io": Limit(max_concurrency=16, requests_per_second=10.0)}
 
@@ -58,6 +63,9 @@ class RedisCoordinator:
                                 limit.requests_per_second or base.requests_per_second, limit.burst)
         self.limiter = RateLimiter(client, self.renewer, merged, slot_ttl=max(3 * lease_ttl, 10.0))
         self.quota = QuotaBoard(client, {canonical_registry(k): v for k, v in (credential_counts or {}).items()})
+        # registry -> (when looked up, paused until): quota pauses of unlimited registries.
+        self._pauses: dict[str, tuple[float, float]] = {}
+        self._pauses_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str, **kw: object) -> RedisCoordinator:
@@ -117,6 +125,12 @@ class RedisCoordinator:
     @contextlib.contextmanager
     def acquire(self, host: str) -> Iterator[None]:
         reg = canonical_registry(host)
+        if not self.limiter.limited(reg):
+            # No cluster limit for this registry: only a quota pause can hold a request back,
+            # and that is looked up at most every PAUSE_RECHECK seconds, not per request.
+            self._wait_out_pause(reg)
+            yield
+            return
         try:
             cm = self.limiter.acquire(reg, self.quota.pause_key(reg))
             cm.__enter__()
@@ -132,8 +146,25 @@ class RedisCoordinator:
         reg = canonical_registry(host)
         return self._soft("quota", lambda: self.quota.pause_until(reg), None)
 
+    def _wait_out_pause(self, reg: str) -> None:
+        while (wait := self._known_pause(reg) - time.time()) > 0:
+            time.sleep(min(wait, 1.0) + random.uniform(0, 0.01))
+
+    def _known_pause(self, reg: str) -> float:
+        now = time.monotonic()
+        with self._pauses_lock:
+            seen = self._pauses.get(reg)
+        if seen is not None and now - seen[0] < PAUSE_RECHECK:
+            return seen[1]
+        until = self._soft("quota", lambda: self.quota.pause_until(reg), None) or 0.0
+        with self._pauses_lock:
+            self._pauses[reg] = (now, until)
+        return until
+
     def report_quota(self, host: str, remaining: int | None, reset_at: float) -> None:
         reg = canonical_registry(host)
+        with self._pauses_lock:
+            self._pauses[reg] = (time.monotonic(), reset_at)
         self._soft("quota", lambda: self.quota.report(reg, reset_at), 0)
 
     def credential_index(self, host: str) -> int:

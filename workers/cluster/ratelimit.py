@@ -72,6 +72,10 @@ class RateLimiter:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW_SLOT)
 
+    def limited(self, registry: str) -> bool:
+        limit = self.limits.get(registry)
+        return limit is not None and bool(limit.max_concurrency or limit.requests_per_second)
+
     def wait_ms(self, registry: str, pause_key: str, slot: str) -> int:
         """0 when a request may start now (and its slot is taken), else how long to wait."""
         limit = self.limits.get(registry, Limit())
