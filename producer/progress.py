@@ -27,29 +27,41 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, poll
     with Progress(*columns, console=console, transient=False, refresh_per_second=4,
                   disable=not console.is_terminal) as bar:
         task = bar.add_task("images", total=len(meta.task_ids), bytes="0 B", rate="", failed="")
+        snap: BatchSnapshot | None = None
+        seen_count = -1
         while True:
-            snap = _snapshot(store, meta)
-            if snap is not None:
-                moved = sum(snap.progress.values())
+            tally = _tally(store, meta)
+            if tally is not None:
+                count, moved = tally
+                if count != seen_count:  # read every result only when a new one arrived
+                    snap = _snapshot(store, meta)
+                    seen_count = count if snap is not None else -1
                 now = time.monotonic()
                 if now - last_t >= 1.0:
                     rate = (moved - last_bytes) / (now - last_t)
                     last_bytes, last_t = moved, now
-                failed = [r for r in snap.results.values() if r.status == "failed"]
+                failed = [r for r in snap.results.values() if r.status == "failed"] if snap else []
                 for r in failed:
                     if r.task_id not in seen_failures:
                         seen_failures.add(r.task_id)
                         console.print(f"[red]failed[/] line {r.line}: {escape(r.source)}: {escape(str(r.error))}",
                                       highlight=False, soft_wrap=True)
-                bar.update(task, completed=len(snap.results), bytes=human_bytes(moved),
+                bar.update(task, completed=count, bytes=human_bytes(moved),
                            rate=f"{human_bytes(rate)}/s", failed=f"{len(failed)} failed" if failed else "")
-                if snap.done:
+                if snap is not None and snap.done:
                     return snap
             if timeout is not None and time.monotonic() - started > timeout:
                 if snap is None:
-                    raise TimeoutError(f"batch {meta.batch_id} vanished from Redis")
+                    raise TimeoutError(f"batch {meta.batch_id}: Redis did not answer")
                 return snap
             time.sleep(poll)
+
+
+def _tally(store: BatchStore, meta: BatchMeta) -> tuple[int, int] | None:
+    try:
+        return store.tally(meta.batch_id)
+    except Exception:
+        return None
 
 
 def _snapshot(store: BatchStore, meta: BatchMeta) -> BatchSnapshot | None:
