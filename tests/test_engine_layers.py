@@ -9,13 +9,19 @@ ENGINE = Path(__file__).resolve().parent.parent / "workers" / "engine"
 # Each module may import only modules of a lower rank.
 RANKS = {
     "errors": 0,
+    "protocols": 0,
+    "tls": 0,
+    "local_coordinator": 0,
     "retry": 1,
+    "cache": 1,
+    "throttle": 1,
     "auth": 2,
     "transport": 3,
     "manifests": 4,
     "blobs": 5,
     "copy": 6,
     "registry": 7,
+    "docker": 7,
 }
 
 

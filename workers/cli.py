@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "flower":
         return _flower(app, args)
     app.steps["consumer"].add(make_upkeep_step(runtime.upkeep_config(settings)))
+    runtime.preload()
     pool = ["--autoscale", settings.autoscale] if settings.autoscale else \
         ["--concurrency", str(settings.concurrency)]
     app.worker_main([

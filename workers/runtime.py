@@ -12,10 +12,19 @@ from pathlib import Path
 
 from config.jobs import CleanupResult
 from config.settings import FerrySettings
+
+# Imported here, in the worker's main process, so pool processes inherit them at fork
+# instead of each importing httpx, docker and friends again on its first task.
 from workers.batches import BatchStore
+from workers.cluster.coordinator import RedisCoordinator
+from workers.cluster.ratelimit import Limit
+from workers.credentials import keychain_from_settings
 from workers.engine.cache import BlobCache, CachePolicy
+from workers.engine.docker import DockerEngine
 from workers.engine.local_coordinator import LocalCoordinator
 from workers.engine.protocols import Coordinator, Engine
+from workers.engine.registry import RegistryEngine, RegistryOptions
+from workers.engine.tls import client_context
 from workers.upkeep import UpkeepConfig
 
 # How long a worker keeps retrying outcome writes while Redis restarts.
@@ -30,6 +39,11 @@ _pid = 0
 def configure(settings: FerrySettings) -> None:
     global _settings
     _settings = settings
+
+
+def preload() -> None:
+    """Work done once in the worker's main process so every forked pool process shares it."""
+    client_context()
 
 
 def settings() -> FerrySettings:
@@ -83,9 +97,6 @@ def build_coordinator(s: FerrySettings) -> Coordinator:
     url = c.url or s.broker_url
     if not c.enabled or url is None:
         return LocalCoordinator()
-    from workers.cluster.coordinator import RedisCoordinator
-    from workers.cluster.ratelimit import Limit
-
     limits = {h: Limit(r.max_concurrency, r.requests_per_second)
               for h, r in s.registries.items() if r.max_concurrency or r.requests_per_second}
     counts = {h: 1 + len(r.extra_credentials) for h, r in s.registries.items() if r.extra_credentials}
@@ -108,12 +119,8 @@ def cache_dir(s: FerrySettings) -> Path:
 
 
 def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = None) -> Engine:
-    from workers.credentials import keychain_from_settings
-
     keychain = keychain_from_settings(s)
     if name == "docker":
-        from workers.engine.docker import DockerEngine
-
         return DockerEngine(
             docker_host=s.docker_host,
             keychain=keychain,
@@ -123,8 +130,6 @@ def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = 
             busy_lock=cache_dir(s) / "docker.lock",
         )
     if name == "registry":
-        from workers.engine.registry import RegistryEngine, RegistryOptions
-
         cache = BlobCache(cache_dir(s), cache_policy(s)) if s.cache.enabled else None
         options = RegistryOptions(
             insecure_registries=tuple(s.insecure_registries)
@@ -157,8 +162,6 @@ def run_cleanup(engine_name: str, remove: list[str], for_task: str | None) -> Cl
     """Apply this node's disk policy for one engine and say what it freed."""
     s = settings()
     if engine_name == "docker":
-        from workers.engine.docker import DockerEngine
-
         eng = engine("docker")
         assert isinstance(eng, DockerEngine)
         stats = eng.cleanup(float(s.cache.keep_duration), remove=remove)

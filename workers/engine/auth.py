@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import ssl
 import subprocess
 import threading
 import time
@@ -34,6 +35,7 @@ from workers.engine.errors import (
     Unauthorized,
     transport_error,
 )
+from workers.engine.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -630,7 +632,9 @@ class RegistryAuth(httpx.Auth):
     def _new_client(self, realm_url: httpx.URL) -> httpx.Client:
         # Token fetches are rare (one per scope per token lifetime): a short-lived client
         # keeps this object free of resources to close.
-        verify = not (self._insecure or _is_loopback(realm_url.host))
+        verify: ssl.SSLContext | bool = client_context()
+        if self._insecure or _is_loopback(realm_url.host):
+            verify = False
         return httpx.Client(timeout=httpx.Timeout(30.0), verify=verify, follow_redirects=True)
 
     def _fetch_token(self, realm: _Realm, scope: Scope) -> tuple[str, float]:

@@ -22,6 +22,7 @@ from workers.engine.errors import RegistryError, error_from_response, transport_
 from workers.engine.protocols import Coordinator
 from workers.engine.retry import RetryPolicy
 from workers.engine.throttle import ThrottledTransport
+from workers.engine.tls import client_context
 
 VERSION = "0.1.0"
 DEFAULT_USER_AGENT = f"ferry/{VERSION}"
@@ -120,7 +121,7 @@ class RegistryTransport:
             keepalive_expiry=60.0,
         )
         # retries=0: RetryPolicy is the only place that retries.
-        transport: httpx.BaseTransport = httpx.HTTPTransport(verify=True, limits=limits, retries=0)
+        transport: httpx.BaseTransport = httpx.HTTPTransport(verify=client_context(), limits=limits, retries=0)
         if self.coordinator is not None:
             transport = ThrottledTransport(transport, host, self.coordinator, quota_floor=self.quota_floor)
         auth = self._auth_factory(host, self.keychain, self.scheme(host) == "http")
