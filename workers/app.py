@@ -49,8 +49,12 @@ def celery_config(settings: FerrySettings) -> dict[str, Any]:
             "retry_on_timeout": True,
             "health_check_interval": 10,
         },
-        # Ride out a Redis restart when storing a finished task's result, rather than failing it.
+        # Ride out a Redis restart when storing a task's state or result, rather than failing the task
+        # (whose message would then be acknowledged and lost): every backend operation retries, with
+        # backoff capped at 10 s, for about a minute.
         "result_backend_transport_options": {"retry_policy": {"timeout": 60.0}, "health_check_interval": 10},
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 15,
         "redis_backend_health_check_interval": 10,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
