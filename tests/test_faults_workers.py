@@ -155,7 +155,7 @@ def test_broker_restart_mid_batch_loses_nothing(
     stalled_big_blob(proxy, imgs, 6)
     slow_manifests(proxy, 0.7)
     listing = c.listing(lines_for(proxy.host, imgs))
-    run = c.producer_bg("enqueue", str(listing), "--target", f"{dst.host}/mirror", "--wait", "--timeout", "200")
+    run = c.producer_bg("enqueue", str(listing), "--target", f"{dst.host}/mirror", "--wait", "--timeout", "90")
     batch = c.latest_batch()
     wait_until(lambda: len(c.hash(batch, "results")) >= 2, 60, "two images done")
     done_before = len(c.hash(batch, "results"))
@@ -166,7 +166,7 @@ def test_broker_restart_mid_batch_loses_nothing(
     c.redis.start()  # same port, same AOF
     restarted_at = time.monotonic()
 
-    code, out, err = wait_proc(run, 200)
+    code, out, err = wait_proc(run, 120)
     print(f"\nbroker restart: batch finished {time.monotonic() - restarted_at:.1f} s after Redis came back "
           f"({done_before}/{len(imgs)} done before the kill)")
     assert code == 0, out + err
