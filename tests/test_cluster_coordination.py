@@ -7,21 +7,23 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from config.jobs import SyncJob
-from tests.support.faultproxy import max_in_window
+from tests.support.faultproxy import FaultProxy, Rule, max_in_window, too_many_requests
 from tests.support.images import Pusher, push_image
 from tests.support.procs import stop, wait_until
 from tests.support.redis import RedisServer
 from tests.support.registry import Registry
+from tests.support.tokenserver import TokenServer
 from workers.cluster import keys
 from workers.cluster.coordinator import RedisCoordinator
 from workers.cluster.ratelimit import Limit
+from workers.engine.auth import ChainKeychain, Credential, RegistryAuth, RotatingKeychain, StaticKeychain
 from workers.engine.protocols import Coordinator
 from workers.engine.registry import RegistryEngine, RegistryOptions
 from workers.engine.throttle import quota_reset
@@ -269,3 +271,34 @@ def test_a_blob_the_ledger_lists_but_the_registry_dropped_is_copied_again(
         assert dst.manifest_digest("m/gc", "v1") == img.digest
     finally:
         engine.close()
+
+
+def test_a_spent_credential_is_swapped_for_the_next_one(
+    coords, tmp_path: Path, make_registry: Callable[..., Registry],  # type: ignore[no-untyped-def]
+    make_fault_proxy: Callable[[str], FaultProxy],
+) -> None:
+    users = {"admin": "admin-pw", "first": "first-pw", "second": "second-pw"}
+    with TokenServer(tmp_path / "tokens", users=users, acl={u: {"*": "*"} for u in users}) as ts:
+        reg = make_registry("tok", token=ts.registry_token)
+        admin = StaticKeychain({reg.host: Credential("admin", "admin-pw")})
+        with httpx.Client(auth=RegistryAuth(reg.host, admin), timeout=30) as c:
+            push_image(Pusher(reg.url, client=c), "lib/rot", layers=1)
+        proxy = make_fault_proxy(reg.host)
+        # The first credential's quota runs out on its first request.
+        proxy.add_rule(Rule(too_many_requests("1"), method="GET", path_re="/manifests/", times=1))
+        coord = coords(owner="rot", credential_counts={proxy.host: 2})
+        rotating = RotatingKeychain(
+            {proxy.host: [Credential("first", "first-pw"), Credential("second", "second-pw")]}, coord.credential_index)
+        keychain = ChainKeychain(rotating, admin)
+        engine = RegistryEngine(RegistryOptions(retry_attempts=3, retry_base_delay=0.01, retry_max_delay=0.02),
+                                keychain=keychain, coordinator=coord)
+        try:
+            job = SyncJob(batch_id="b", source=f"{proxy.host}/lib/rot:v1", destinations=[f"{reg.host}/m/rot:v1"])
+            ts.clear()
+            result = engine.sync(job, lambda n: None)
+        finally:
+            engine.close()
+        assert result.status == "synced", result.error
+        assert coord.credential_index(proxy.host) == 1
+        users_seen = [s.user for s in ts.issued() if s.user != "admin"]  # admin writes the destination
+        assert users_seen[0] == "first" and "second" in users_seen

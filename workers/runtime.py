@@ -119,7 +119,7 @@ def cache_dir(s: FerrySettings) -> Path:
 
 
 def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = None) -> Engine:
-    keychain = keychain_from_settings(s)
+    keychain = keychain_from_settings(s, coordinator.credential_index if coordinator else lambda registry: 0)
     if name == "docker":
         return DockerEngine(
             docker_host=s.docker_host,

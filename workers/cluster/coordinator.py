@@ -65,6 +65,8 @@ class RedisCoordinator:
         self.quota = QuotaBoard(client, {canonical_registry(k): v for k, v in (credential_counts or {}).items()})
         # registry -> (when looked up, paused until): quota pauses of unlimited registries.
         self._pauses: dict[str, tuple[float, float]] = {}
+        # registry -> (when looked up, credential in use): read by auth on every request.
+        self._indexes: dict[str, tuple[float, int]] = {}
         self._pauses_lock = threading.Lock()
 
     @classmethod
@@ -163,10 +165,27 @@ class RedisCoordinator:
 
     def report_quota(self, host: str, remaining: int | None, reset_at: float) -> None:
         reg = canonical_registry(host)
+        used = self.credential_index(reg)
         with self._pauses_lock:
             self._pauses[reg] = (time.monotonic(), reset_at)
-        self._soft("quota", lambda: self.quota.report(reg, reset_at), 0)
+        index = self._soft("quota", lambda: self.quota.report(reg, reset_at), None)
+        with self._pauses_lock:
+            now = time.monotonic()
+            if index is None:
+                self._indexes.pop(reg, None)
+            else:
+                self._indexes[reg] = (now, int(index))
+                # Moved on to a fresh credential: nothing to wait for.
+                self._pauses[reg] = (now, reset_at if int(index) == used else 0.0)
 
     def credential_index(self, host: str) -> int:
         reg = canonical_registry(host)
-        return self._soft("quota", lambda: self.quota.credential_index(reg), 0)
+        now = time.monotonic()
+        with self._pauses_lock:
+            seen = self._indexes.get(reg)
+        if seen is not None and now - seen[0] < PAUSE_RECHECK:
+            return seen[1]
+        index = self._soft("quota", lambda: self.quota.credential_index(reg), 0)
+        with self._pauses_lock:
+            self._indexes[reg] = (now, index)
+        return index

@@ -19,7 +19,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -121,6 +121,28 @@ class StaticKeychain:
         return f"StaticKeychain(registries={sorted(self._creds)})"
 
 
+class RotatingKeychain:
+    """Several credentials for a registry, one in use at a time: ``choose(registry)`` says which
+    (the cluster moves on when one's pull quota is spent). ``generation`` lets RegistryAuth
+    notice a switch and drop the tokens of the old credential."""
+
+    def __init__(self, credentials: Mapping[str, Sequence[Credential]], choose: Callable[[str], int]) -> None:
+        self._creds = {canonical_registry(k): list(v) for k, v in credentials.items() if v}
+        self._choose = choose
+
+    def generation(self, registry: str) -> int:
+        reg = canonical_registry(registry)
+        return self._choose(reg) % len(self._creds[reg]) if reg in self._creds else 0
+
+    def resolve(self, registry: str) -> Credential | None:
+        reg = canonical_registry(registry)
+        creds = self._creds.get(reg)
+        return creds[self.generation(reg)] if creds else None
+
+    def __repr__(self) -> str:
+        return f"RotatingKeychain(registries={sorted(self._creds)})"
+
+
 class ChainKeychain:
     """Asks each keychain in turn; the first credential found wins."""
 
@@ -133,6 +155,15 @@ class ChainKeychain:
             if cred is not None:
                 return cred
         return None
+
+    def generation(self, registry: str) -> int:
+        return sum(generation_of(kc, registry) for kc in self._keychains)
+
+
+def generation_of(keychain: Keychain, registry: str) -> int:
+    """Changes when ``keychain`` starts answering with another credential (rotation)."""
+    gen = getattr(keychain, "generation", None)
+    return int(gen(registry)) if callable(gen) else 0
 
 
 def default_docker_config() -> Path:
@@ -485,6 +516,7 @@ class RegistryAuth(httpx.Auth):
         self._resolve_lock = threading.Lock()
         self._credential: Credential | None = None
         self._resolved = False
+        self._generation = 0
         self._basic = False  # the registry asked for Basic: send it upfront from now on
         self._realm: _Realm | None = None  # the last Bearer challenge, for upfront tokens
         self._tokens: dict[tuple[_Realm, Scope], _Token] = {}
@@ -500,6 +532,7 @@ class RegistryAuth(httpx.Auth):
             # Not our registry (e.g. an absolute upload URL elsewhere): no credentials go there.
             yield request
             return
+        self._follow_rotation()
         scope = scope_for_request(request.method, request.url)
         sent = self._upfront_header(scope)
         if sent is not None:
@@ -530,6 +563,16 @@ class RegistryAuth(httpx.Auth):
     def _from_registry(self, response: httpx.Response) -> bool:
         # After a redirect the 401 may come from blob storage elsewhere: not ours to answer.
         return canonical_registry(response.request.url.netloc.decode("ascii")) == self.registry
+
+    def _follow_rotation(self) -> None:
+        """When the keychain moved to another credential, forget the old one and its tokens."""
+        gen = generation_of(self._keychain, self.registry)
+        if gen == self._generation:
+            return
+        with self._resolve_lock, self._lock:
+            self._generation = gen
+            self._resolved = False
+            self._tokens.clear()
 
     def _credential_for(self) -> Credential | None:
         # Resolved once, lazily: open registries never run a credential helper.
