@@ -21,7 +21,7 @@ from tests.support.redis import RedisServer
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 from workers.cluster import keys
-from workers.cluster.coordinator import RedisCoordinator
+from workers.cluster.coordinator import PAUSE_RECHECK, RedisCoordinator
 from workers.cluster.ratelimit import Limit
 from workers.engine.auth import ChainKeychain, Credential, RegistryAuth, RotatingKeychain, StaticKeychain
 from workers.engine.protocols import Coordinator
@@ -211,8 +211,9 @@ def test_spent_credential_rotates_to_the_next(coords) -> None:  # type: ignore[n
     a, b = coords(owner="a", credential_counts=counts), coords(owner="b", credential_counts=counts)
     assert b.credential_index("docker.io") == 0
     a.report_quota("docker.io", 0, time.time() + 60)
-    # The next credential is fresh: nobody waits, everyone switches.
-    assert b.credential_index("docker.io") == 1
+    # The next credential is fresh: nobody waits, everyone switches (others within PAUSE_RECHECK).
+    assert a.credential_index("docker.io") == 1
+    wait_until(lambda: b.credential_index("docker.io") == 1, 2 * PAUSE_RECHECK + 1, "b to switch")
     assert b.pause_until("docker.io") is None
     b.report_quota("docker.io", 0, time.time() + 60)
     # Both spent: stay and wait for the reset.
