@@ -18,6 +18,7 @@ RANKS = {
     "auth": 2,
     "transport": 3,
     "manifests": 4,
+    "ranges": 4,
     "blobs": 5,
     "copy": 6,
     "registry": 7,

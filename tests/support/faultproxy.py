@@ -71,7 +71,14 @@ class Delay:
     seconds: float
 
 
-Action = Status | Hangup | DropAfter | Corrupt | Stall | Delay
+@dataclass(frozen=True)
+class Truncate:
+    """Forward only the first ``nbytes`` of the response body, framed as a complete response."""
+
+    nbytes: int
+
+
+Action = Status | Hangup | DropAfter | Corrupt | Stall | Delay | Truncate
 
 
 def status(code: int, headers: dict[str, str] | None = None, body: bytes = b"") -> Status:
@@ -139,6 +146,7 @@ class Seen:
     status: int = 0
     end: float | None = None
     faults: tuple[str, ...] = ()
+    range: str | None = None  # the request's Range header
 
 
 def max_in_window(times: Sequence[float], window: float) -> int:
@@ -320,7 +328,7 @@ class FaultProxy:
         if head is None:
             return False
         method, target, version, headers = _parse_request(head)
-        seen = Seen(method, target, time.monotonic())
+        seen = Seen(method, target, time.monotonic(), range=_get(headers, "range"))
         actions = self._match(method, target)
         seen.faults = tuple(type(a).__name__.lower() for a in actions)
         with self._lock:
@@ -392,6 +400,9 @@ class FaultProxy:
             framing = _response_framing(method, code, resp_headers)
             out = [(k, self._rewrite(v) if k.lower() == "location" else v) for k, v in resp_headers
                    if k.lower() not in ("connection", "keep-alive")]
+            cut = next((a.nbytes for a in actions if isinstance(a, Truncate)), None)
+            if cut is not None and framing == "length":
+                out = [(k, str(min(cut, int(v))) if k.lower() == "content-length" else v) for k, v in out]
             if framing == "eof":
                 keep_alive = False
             if not keep_alive:
@@ -399,7 +410,7 @@ class FaultProxy:
             self._update(seen, status=code)
             writer.write(_head(status_line, out))
             await writer.drain()
-            async with contextlib.aclosing(_decoded_body(up_r, resp_headers, framing)) as payload:
+            async with contextlib.aclosing(_decoded_body(up_r, resp_headers, framing, cut)) as payload:
                 await _send_body(writer, payload, framing == "chunked", actions)
             done = True
             return keep_alive
@@ -530,9 +541,17 @@ async def _raw_body(r: asyncio.StreamReader, headers: Headers) -> AsyncGenerator
             yield data
 
 
-async def _decoded_body(r: asyncio.StreamReader, headers: Headers,
-                        framing: str) -> AsyncGenerator[bytes, None]:
-    """A response body's payload bytes, whatever its framing."""
+async def _decoded_body(r: asyncio.StreamReader, headers: Headers, framing: str,
+                        limit: int | None = None) -> AsyncGenerator[bytes, None]:
+    """A response body's payload bytes, whatever its framing; only ``limit`` of them if given."""
+    if limit is not None:
+        async with contextlib.aclosing(_decoded_body(r, headers, framing)) as body:
+            async for data in body:
+                if limit <= 0:
+                    return
+                yield data[:limit]
+                limit -= len(data)
+        return
     if framing == "length":
         left = int(_get(headers, "content-length") or 0)
         while left:

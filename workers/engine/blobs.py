@@ -4,9 +4,10 @@ Order of preference, as in go-containerregistry and regclient: the destination
 already has it (HEAD) → mount it from another repository on the same registry →
 stream it: GET from the source (or read the node cache) into PATCH chunks, hashing
 on the way, and commit with ``PUT ?digest=`` only once size and digest check out,
-so a corrupt source is never committed. A dropped source connection resumes with
-``Range: bytes=N-``; a dropped destination connection resumes from the offset the
-upload session reports.
+so a corrupt source is never committed. A large source blob may be fetched as several
+Range requests at once (``ranges``), still read in order. A dropped source connection
+resumes with ``Range: bytes=N-``; a dropped destination connection resumes from the
+offset the upload session reports.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from workers.engine.errors import (
 from workers.engine.local_coordinator import LocalCoordinator
 from workers.engine.manifests import Descriptor
 from workers.engine.protocols import Coordinator
+from workers.engine.ranges import DEFAULT_THRESHOLD, Opener, RangeFetcher
 from workers.engine.transport import RegistryTransport
 
 if TYPE_CHECKING:
@@ -110,8 +112,6 @@ class BlobTracker:
 
 
 # -- reading the source ----------------------------------------------------------------
-
-Opener = Callable[[int], tuple[Iterator[bytes], Callable[[], None]]]
 
 
 class _Tee:
@@ -300,11 +300,16 @@ class BlobCopier:
         cache: BlobCache | None = None,
         tracker: BlobTracker | None = None,
         coordinator: Coordinator | None = None,
+        range_parallel: int = 0,
+        range_threshold: int = DEFAULT_THRESHOLD,
     ) -> None:
+        """``range_parallel`` > 1 downloads source blobs of at least ``range_threshold`` bytes
+        as that many Range requests at once (0 or 1: one stream per blob)."""
         if chunk_size < 1:
             raise ValueError("chunk_size must be positive")
         self.transport = transport
         self.chunk_size = chunk_size
+        self.ranges = RangeFetcher(transport, parallel=range_parallel, threshold=range_threshold)
         self.cache = cache
         self.tracker = tracker or BlobTracker()
         self.coordinator: Coordinator = coordinator or LocalCoordinator()
@@ -452,7 +457,8 @@ class BlobCopier:
                         tee = _Tee(cache, desc)
                     except Exception as exc:
                         log.warning("blob cache unavailable for %s: %s", desc.digest, exc)
-                reader = _Reader(self._remote_opener(src, desc.digest), desc, tee, remote=True)
+                opener = self.ranges.opener(src, desc.digest, desc.size, self._remote_opener(src, desc.digest))
+                reader = _Reader(opener, desc, tee, remote=True)
             stack.callback(reader.close)
             session = _Session()
             try:

@@ -26,7 +26,9 @@ from workers.engine.tls import client_context
 
 VERSION = "0.1.0"
 DEFAULT_USER_AGENT = f"ferry/{VERSION}"
-MAX_CONNECTIONS_PER_HOST = 16
+# Room for blob_concurrency (6) downloads * range parts (4) plus manifests and uploads to
+# the same host, so no request waits out the pool timeout behind ranged parts.
+MAX_CONNECTIONS_PER_HOST = 32
 
 
 # Builds the httpx.Auth for one registry host (and whether it is plain HTTP).
