@@ -144,6 +144,8 @@ def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = 
             mirrors={h: list(r.mirrors) for h, r in s.registries.items() if r.mirrors},
             quota_floor=s.coordination.quota_floor,
             cache_single_target=s.cache.single_target,
+            range_parallel=s.range_parallel,
+            range_threshold=int(s.range_threshold),
         )
         return RegistryEngine(options, keychain=keychain, cache=cache, coordinator=coordinator)
     raise ValueError(f"unknown engine {name!r}: choose registry or docker")

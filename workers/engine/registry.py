@@ -20,6 +20,7 @@ from workers.engine.cache import BlobCache
 from workers.engine.copy import CopyOutcome, copy_image
 from workers.engine.errors import RegistryError
 from workers.engine.protocols import Coordinator, ProgressFn
+from workers.engine.ranges import DEFAULT_PARALLEL, DEFAULT_THRESHOLD
 from workers.engine.retry import RetryPolicy
 from workers.engine.transport import DEFAULT_USER_AGENT, MAX_CONNECTIONS_PER_HOST, RegistryTransport
 
@@ -48,6 +49,10 @@ class RegistryOptions:
     mirrors: Mapping[str, list[str]] = field(default_factory=dict)
     # Pause a registry for the cluster when RateLimit-Remaining falls below this.
     quota_floor: int = 1
+    # Source blobs of at least range_threshold bytes come as this many Range requests at
+    # once (0/1: one stream), for registries that cap each connection's throughput.
+    range_parallel: int = DEFAULT_PARALLEL
+    range_threshold: int = DEFAULT_THRESHOLD
 
 
 class RegistryEngine:
@@ -76,7 +81,8 @@ class RegistryEngine:
             coordinator=coordinator,
             quota_floor=o.quota_floor,
         )
-        self.blobs = BlobCopier(self.transport, chunk_size=o.chunk_size, cache=cache, coordinator=coordinator)
+        self.blobs = BlobCopier(self.transport, chunk_size=o.chunk_size, cache=cache, coordinator=coordinator,
+                                range_parallel=o.range_parallel, range_threshold=o.range_threshold)
         self._executor = ThreadPoolExecutor(max_workers=o.blob_concurrency, thread_name_prefix="ferry-blob")
 
     def sync(self, job: SyncJob, progress: ProgressFn) -> SyncResult:
