@@ -42,7 +42,9 @@ def no_part_threads_left() -> Iterator[None]:
 
 
 def ranged(transport: RegistryTransport, parallel: int = 4) -> BlobCopier:
-    return BlobCopier(transport, chunk_size=5 * MiB, range_parallel=parallel, range_threshold=4 * MiB)
+    """Ranges for blobs from 4 MiB, however near the source."""
+    return BlobCopier(transport, chunk_size=5 * MiB, range_parallel=parallel, range_threshold=4 * MiB,
+                      range_min_latency=0)
 
 
 def put_blob(pusher: Pusher, repo: str, size: int, seed: str = "r") -> tuple[Descriptor, bytes]:
@@ -89,6 +91,25 @@ def test_small_blobs_and_disabled_ranges_use_one_stream(src: Registry, dst: Regi
         BlobCopier(transport, range_parallel=1).copy(ref(proxy, "a/b"), ref(dst, "c/d"), big)
         assert [(s.range, s.status) for s in proxy.select("GET", BLOB_GET)] == [(None, 200), (None, 200)]
     assert dst.has_blob("c/d", small.digest) and dst.has_blob("c/d", big.digest)
+
+
+def test_near_sources_get_one_stream_far_ones_parts(src: Registry, dst: Registry, src_pusher: Pusher,
+                                                    transport: RegistryTransport) -> None:
+    blobs = {side: [put_blob(src_pusher, "a/b", 5 * MiB, seed=f"{side}{i}")[0] for i in range(3)]
+             for side in ("near", "far")}
+    proxies = {"near": FaultProxy(src.host), "far": FaultProxy(src.host)}
+    with proxies["near"], proxies["far"]:
+        # 50 ms before each answer, as from another continent.
+        proxies["far"].add_rule(Rule(Delay(0.05), method="GET"))
+        copier = BlobCopier(transport, range_parallel=4, range_threshold=4 * MiB)
+        for side, proxy in proxies.items():
+            for desc in blobs[side]:
+                copier.copy(ref(proxy, "a/b"), ref(dst, side), desc)
+        seen = {side: [s.range for s in p.select("GET", BLOB_GET)] for side, p in proxies.items()}
+    # Unknown at first, so parts; once an answer came within milliseconds, one stream.
+    assert len(seen["near"]) == 4 + 1 + 1 and seen["near"][4:] == [None, None]
+    assert len(seen["far"]) == 12 and None not in seen["far"]
+    assert all(dst.has_blob(side, d.digest) for side in blobs for d in blobs[side])
 
 
 def test_a_cut_part_resumes_from_the_bytes_already_read(src: Registry, dst: Registry, src_pusher: Pusher,
@@ -178,7 +199,7 @@ def test_closing_the_stream_stops_parts_in_flight(src: Registry, src_pusher: Pus
     with FaultProxy(src.host) as proxy:
         # Every part hangs after its first 256 KiB, as a stuck connection would.
         proxy.add_rule(Rule(Stall(30, after=256 * 1024), method="GET", path_re=BLOB_GET))
-        fetcher = RangeFetcher(transport, parallel=4, threshold=4 * MiB)
+        fetcher = RangeFetcher(transport, parallel=4, threshold=4 * MiB, min_latency=0)
         it, close = fetcher.opener(ref(proxy, "a/b"), desc.digest, desc.size, plain)(0)
         got = b""
         while len(got) < 200_000:
@@ -213,7 +234,8 @@ def test_ranged_copy_memory_stays_bounded(src: Registry, dst: Registry, transpor
         digest = "sha256:" + hasher.hexdigest()
         c.put(httpx.URL(loc).copy_merge_params({"digest": digest})).raise_for_status()
     desc = Descriptor(LAYER, digest, size)
-    copier = BlobCopier(transport, chunk_size=16 * MiB, range_parallel=4, range_threshold=4 * MiB)
+    copier = BlobCopier(transport, chunk_size=16 * MiB, range_parallel=4, range_threshold=4 * MiB,
+                        range_min_latency=0)
     tracemalloc.start()
     try:
         res = copier.copy(ref(src, "big/blob"), ref(dst, "big/blob"), desc)

@@ -35,7 +35,7 @@ from workers.engine.errors import (
 from workers.engine.local_coordinator import LocalCoordinator
 from workers.engine.manifests import Descriptor
 from workers.engine.protocols import Coordinator
-from workers.engine.ranges import DEFAULT_THRESHOLD, Opener, RangeFetcher
+from workers.engine.ranges import DEFAULT_THRESHOLD, MIN_LATENCY, Opener, RangeFetcher
 from workers.engine.transport import RegistryTransport
 
 if TYPE_CHECKING:
@@ -302,14 +302,17 @@ class BlobCopier:
         coordinator: Coordinator | None = None,
         range_parallel: int = 0,
         range_threshold: int = DEFAULT_THRESHOLD,
+        range_min_latency: float = MIN_LATENCY,
     ) -> None:
         """``range_parallel`` > 1 downloads source blobs of at least ``range_threshold`` bytes
-        as that many Range requests at once (0 or 1: one stream per blob)."""
+        as that many Range requests at once (0 or 1: one stream per blob), from sources
+        slower to answer than ``range_min_latency`` seconds."""
         if chunk_size < 1:
             raise ValueError("chunk_size must be positive")
         self.transport = transport
         self.chunk_size = chunk_size
-        self.ranges = RangeFetcher(transport, parallel=range_parallel, threshold=range_threshold)
+        self.ranges = RangeFetcher(transport, parallel=range_parallel, threshold=range_threshold,
+                                   min_latency=range_min_latency)
         self.cache = cache
         self.tracker = tracker or BlobTracker()
         self.coordinator: Coordinator = coordinator or LocalCoordinator()

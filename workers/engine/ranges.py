@@ -10,6 +10,11 @@ One retry owner: a failed part is not retried here. Its error ends the stream li
 connection, and the reader above resumes at its offset with a fresh fetch. A server that
 answers a Range request with the whole blob (or a wrong ``Content-Range``) makes the fetch
 fall back to one plain stream, and its host is not asked for ranges again.
+
+Parts pay off only for a distant source: near one (a LAN, the same cloud region) a single
+stream already fills the link, and parts would only cost requests and CPU. So a host whose
+quickest recent answer (as the transport timed it) came within ``min_latency`` gets plain
+streams.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ MIN_PART = 1024 * 1024
 # 80 ms round trip a 4 MiB part moves bytes ~87% of its time; 8 MiB would add ~6% for
 # twice the memory, and a worker may have several large blobs in flight.
 MAX_PART = 4 * 1024 * 1024
+# Response time (to headers) below which a source counts as near; WAN round trips are
+# tens of milliseconds and more, a LAN's well under one.
+MIN_LATENCY = 0.02
 # How long close() waits for parts that are still connecting to give up on their own.
 CLOSE_GRACE = 2.0
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
@@ -80,20 +88,28 @@ class _Part:
 class RangeFetcher:
     """Opens source blob streams as parallel ranged GETs; one per copier, thread-safe.
 
-    ``parallel`` below 2 turns it off; blobs smaller than ``threshold`` use one stream.
+    ``parallel`` below 2 turns it off; blobs smaller than ``threshold`` use one stream, and
+    so do hosts that answer within ``min_latency`` seconds (0: ranges whatever the distance).
     """
 
     def __init__(self, transport: RegistryTransport, *, parallel: int = DEFAULT_PARALLEL,
-                 threshold: int = DEFAULT_THRESHOLD) -> None:
+                 threshold: int = DEFAULT_THRESHOLD, min_latency: float = MIN_LATENCY) -> None:
         self.transport = transport
         self.parallel = parallel
         self.threshold = threshold
+        self.min_latency = min_latency
         self._lock = threading.Lock()
         self._no_ranges: set[str] = set()
 
     def supports_ranges(self, host: str) -> bool:
         with self._lock:
             return host not in self._no_ranges
+
+    def is_near(self, host: str) -> bool:
+        """Whether ``host`` answered quickly enough lately that one stream will do (a host
+        not yet heard from counts as far)."""
+        seen = self.transport.response_time(host)
+        return seen is not None and seen < self.min_latency
 
     def mark_no_ranges(self, host: str) -> None:
         with self._lock:
@@ -104,9 +120,11 @@ class RangeFetcher:
 
     def opener(self, src: Reference, digest: str, size: int, plain: Opener) -> Opener:
         """``plain`` wrapped: from each offset, ranged parts when they can help."""
+        host = src.api_host
+
         def open_at(offset: int) -> Stream:
             if (self.parallel < 2 or size < self.threshold or size - offset <= MIN_PART
-                    or not self.supports_ranges(src.api_host)):
+                    or not self.supports_ranges(host) or self.is_near(host)):
                 return plain(offset)
             stream = _PartStream(self, src, digest, size, offset, plain)
             return stream.pieces, stream.close

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ DEFAULT_USER_AGENT = f"ferry/{VERSION}"
 # Room for blob_concurrency (6) downloads * range parts (4) plus manifests and uploads to
 # the same host, so no request waits out the pool timeout behind ranged parts.
 MAX_CONNECTIONS_PER_HOST = 32
+# Recent response times kept per host; their minimum discounts busy moments.
+LATENCY_SAMPLES = 16
 
 
 # Builds the httpx.Auth for one registry host (and whether it is plain HTTP).
@@ -95,6 +98,7 @@ class RegistryTransport:
         self._clients: dict[str, httpx.Client] = {}
         self._auths: list[httpx.Auth] = []
         self._quotas: dict[str, RateQuota] = {}
+        self._latency: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -162,6 +166,22 @@ class RegistryTransport:
             limit = _quota_number(response.headers.get("RateLimit-Limit"))
             self._quotas[host] = RateQuota(limit, remaining, time.time())
 
+    # -- distance ------------------------------------------------------------------
+
+    def response_time(self, host: str) -> float | None:
+        """The quickest of ``host``'s recent answers, request to headers, in seconds; None
+        before any. Near its round trip time, as long as some answers came while it was idle."""
+        with self._lock:
+            seen = self._latency.get(host)
+            return min(seen) if seen else None
+
+    def _note_latency(self, host: str, seconds: float) -> None:
+        with self._lock:
+            seen = self._latency.get(host)
+            if seen is None:
+                seen = self._latency[host] = deque(maxlen=LATENCY_SAMPLES)
+            seen.append(seconds)
+
     # -- requests ------------------------------------------------------------------
 
     def send(
@@ -182,6 +202,7 @@ class RegistryTransport:
         client = self.client(host)
         request = client.build_request(method, url, headers=headers, params=params, content=content)
         safe_url = str(request.url.copy_with(query=None))
+        started = time.monotonic()
         try:
             response = client.send(request, stream=True)
         except httpx.TransportError as exc:
@@ -190,6 +211,7 @@ class RegistryTransport:
             raise RegistryError("too many redirects", url=safe_url,
                                 reference=str(reference) if reference else None) from exc
         self._note_quota(host, response)
+        self._note_latency(host, time.monotonic() - started)
         try:
             if response.status_code not in set(ok):
                 raise error_from_response(response, reference=reference)
