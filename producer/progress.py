@@ -13,7 +13,7 @@ from producer.report import human_bytes
 from workers.batches import BatchSnapshot, BatchStore
 
 
-def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, poll: float = 0.1,
+def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, poll: float = 0.05,
                    timeout: float | None = None) -> BatchSnapshot:
     """Poll the batch until every task has a final result (or ``timeout`` passes)."""
     started = time.monotonic()
