@@ -90,7 +90,7 @@ class FerrySettings(BaseSettings):
     # Source blobs of at least range_threshold bytes are downloaded as this many Range
     # requests at once (0 or 1: one stream per blob).
     range_parallel: NonNegativeInt = 4
-    range_threshold: ByteSize = ByteSize(4 * 1024**2)
+    range_threshold: ByteSize = ByteSize(16 * 1024**2)
     visibility_timeout: PositiveInt = 7200
     # Per registry request: seconds to connect, and seconds without a byte before a read is a stall.
     connect_timeout: PositiveFloat = 10.0

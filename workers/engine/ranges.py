@@ -42,7 +42,7 @@ Stream = tuple[Iterator[bytes], Callable[[], None]]
 Opener = Callable[[int], Stream]
 
 DEFAULT_PARALLEL = 4
-DEFAULT_THRESHOLD = 4 * 1024 * 1024
+DEFAULT_THRESHOLD = 16 * 1024 * 1024
 # Parts below 1 MiB spend more of their time on the request round trip than on bytes.
 MIN_PART = 1024 * 1024
 # Memory per blob is at most parallel * MAX_PART (16 MiB by default). At 64 Mbit/s and
