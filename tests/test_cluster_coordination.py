@@ -303,3 +303,15 @@ def test_a_spent_credential_is_swapped_for_the_next_one(
         assert coord.credential_index(proxy.host) == 1
         users_seen = [s.user for s in ts.issued() if s.user != "admin"]  # admin writes the destination
         assert users_seen[0] == "first" and "second" in users_seen
+
+
+def test_a_late_report_for_a_rotated_credential_does_not_pause_the_new_one(coords) -> None:  # type: ignore[no-untyped-def]
+    counts = {"docker.io": 2}
+    a, b = coords(owner="a", credential_counts=counts), coords(owner="b", credential_counts=counts)
+    assert a.credential_index("docker.io") == b.credential_index("docker.io") == 0
+    a.report_quota("docker.io", 0, time.time() + 60)
+    # b's request was refused under credential 0 as well, reported just after a rotated away from it.
+    b.report_quota("docker.io", 0, time.time() + 60)
+    assert b.credential_index("docker.io") == 1
+    assert a.pause_until("docker.io") is None
+    assert b.pause_until("docker.io") is None

@@ -168,7 +168,7 @@ class RedisCoordinator:
         used = self.credential_index(reg)
         with self._pauses_lock:
             self._pauses[reg] = (time.monotonic(), reset_at)
-        index = self._soft("quota", lambda: self.quota.report(reg, reset_at), None)
+        index = self._soft("quota", lambda: self.quota.report(reg, used, reset_at), None)
         with self._pauses_lock:
             now = time.monotonic()
             if index is None:

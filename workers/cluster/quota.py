@@ -57,10 +57,12 @@ class QuotaBoard:
         until = int(value) / 1000 if value else None
         return until if until is not None and until > time.time() else None
 
-    def report(self, registry: str, reset_at: float) -> int:
-        """Pause the credential in use until ``reset_at``; returns the index to use now."""
+    def report(self, registry: str, used: int, reset_at: float) -> int:
+        """Pause credential ``used`` until ``reset_at``; returns the index to use now.
+
+        ``used`` is the credential the refused request went out with, not the current one:
+        another worker may have rotated already, and the fresh credential must stay unpaused."""
         n = self.counts.get(registry, 1)
-        used = self.credential_index(registry)
         return int(self._report(
             keys=[keys.credential(registry), *(keys.pause(registry, i) for i in range(n))],
-            args=[used, int(reset_at * 1000)]))
+            args=[used % n, int(reset_at * 1000)]))
