@@ -315,3 +315,10 @@ def test_a_late_report_for_a_rotated_credential_does_not_pause_the_new_one(coord
     assert b.credential_index("docker.io") == 1
     assert a.pause_until("docker.io") is None
     assert b.pause_until("docker.io") is None
+
+
+def test_redis_lost_during_a_request_does_not_fail_it(coords, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]
+    a = coords(owner="a", limits={"r": Limit(max_concurrency=1)})
+    with a.acquire("r"), a.upload_lease("r", DIGEST) as held:
+        assert held
+        redis_server.stop()

@@ -8,6 +8,7 @@ milliseconds to wait. Slots expire unless renewed, so a dead worker's slots come
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import time
 import uuid
@@ -18,6 +19,8 @@ import redis
 
 from workers.cluster import keys
 from workers.cluster.renewer import Renewer
+
+log = logging.getLogger(__name__)
 
 _ACQUIRE = """
 local t = redis.call('TIME')
@@ -100,4 +103,7 @@ class RateLimiter:
             yield
         finally:
             self.renewer.remove(handle)
-            self.client.zrem(key, slot)
+            try:
+                self.client.zrem(key, slot)
+            except redis.RedisError as exc:  # the slot expires by itself
+                log.warning("request slot for %s not released: %s", registry, exc)
