@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from config.jobs import SyncJob, SyncResult
+from tests.support.faultproxy import DropAfter, FaultProxy, Rule
 from tests.support.images import (
     DOCKER_MANIFEST,
     OCI_INDEX,
@@ -250,6 +251,19 @@ def test_failures_are_results_not_exceptions(src: Registry, dst: Registry, src_p
                       lambda n: None)
     assert bad.status == "failed" and bad.error_code == "INVALID_REFERENCE"
 
+
+
+def test_manifest_body_cut_is_retried(src: Registry, dst: Registry, src_pusher: Pusher,
+                                      engine: RegistryEngine) -> None:
+    img = push_image(src_pusher, "lib/app", archs=("amd64", "arm64"))
+    with FaultProxy(src.host) as proxy:
+        # The first manifest GET loses its connection part way through the body.
+        proxy.add_rule(Rule(DropAfter(100), method="GET", path_re="/manifests/", times=1))
+        r = sync(engine, f"{proxy.host}/lib/app:v1", f"{dst.host}/m/app:v1")
+        cut = [s for s in proxy.requests if s.method == "GET" and "/manifests/" in s.path and s.faults]
+        assert len(cut) == 1
+    assert r.status == "synced", r.error
+    assert dst.manifest_digest("m/app", "v1") == img.digest
 
 # -- a hand-written registry for answers real ones will not give ------------------------------
 

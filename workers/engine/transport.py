@@ -260,11 +260,15 @@ class RegistryTransport:
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
     ) -> Iterator[httpx.Response]:
-        """One attempt whose body is read by the caller; closed on exit."""
+        """One attempt whose body is read by the caller; closed on exit. A connection cut
+        while the body is read raises a typed (temporary) error, as one before the answer does."""
         response = self.send(method, host, url, ok=ok, reference=reference, headers=headers,
                              params=params, stream=True)
         try:
             yield response
+        except httpx.TransportError as exc:
+            raise transport_error(exc, url=str(response.request.url.copy_with(query=None)),
+                                  reference=reference) from exc
         finally:
             response.close()
 
