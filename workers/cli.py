@@ -17,6 +17,7 @@ from workers.app import SYNC_QUEUE, configure, node_queue
 from workers.upkeep import make_upkeep_step
 
 USAGE_ERROR = 2
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _fail(msg: str) -> int:
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.concurrency is not None and args.concurrency < 1:
         return _fail(f"--concurrency must be a positive number, got {args.concurrency}")
+    if args.loglevel.upper() not in LOG_LEVELS:
+        return _fail(f"--loglevel (FERRY_LOGLEVEL) must be one of {', '.join(LOG_LEVELS)}, got {args.loglevel!r}")
     try:
         settings = load_settings({"node": args.node, "concurrency": args.concurrency, "engine": args.engine,
                                   "autoscale": args.autoscale})
