@@ -326,6 +326,16 @@ def test_unusable_manifests_are_refused(fake: tuple[str, dict[str, tuple[int, di
     assert not [p for m, p, _ in requests(dst) if m in ("PUT", "POST")]
 
 
+def test_undecodable_manifest_body_is_a_typed_failure(
+        fake: tuple[str, dict[str, tuple[int, dict[str, str], bytes]]], dst: Registry,
+        engine: RegistryEngine) -> None:
+    host, routes = fake
+    _serve_manifest(routes, "gz", b"not gzip at all" * 10, OCI_MANIFEST, {"Content-Encoding": "gzip"})
+    r = sync(engine, f"{host}/lib/x:gz", f"{dst.host}/m/x:gz")
+    assert r.status == "failed" and r.error_code == "TransportError" and r.temporary, r
+    assert "could not be decoded" in (r.error or "")
+
+
 def test_manifest_not_matching_its_digest_is_refused(
         fake: tuple[str, dict[str, tuple[int, dict[str, str], bytes]]], dst: Registry,
         engine: RegistryEngine) -> None:

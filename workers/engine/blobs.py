@@ -216,8 +216,7 @@ class _Reader:
                 break
             except httpx.HTTPError as exc:
                 self.close()
-                self.error = transport_error(exc) if isinstance(exc, httpx.TransportError) else \
-                    TransportError(str(exc))
+                self.error = transport_error(exc)
                 break
             except OSError as exc:  # reading a cached file
                 self.close()

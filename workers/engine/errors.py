@@ -256,10 +256,11 @@ def _safe_url(url: httpx.URL) -> str:
 
 
 def transport_error(
-    exc: httpx.TransportError, *, url: str | None = None, reference: object = None
+    exc: httpx.HTTPError, *, url: str | None = None, reference: object = None
 ) -> TransportError:
-    """A connection-level failure, named the way a person would describe it."""
-    kind = {
+    """A connection-level failure (or a body that would not decode), named the way a person
+    would describe it."""
+    kinds: dict[type[httpx.HTTPError], str] = {
         httpx.ConnectTimeout: "connection timed out",
         httpx.ReadTimeout: "read timed out",
         httpx.WriteTimeout: "write timed out",
@@ -268,7 +269,9 @@ def transport_error(
         httpx.RemoteProtocolError: "connection closed unexpectedly",
         httpx.ReadError: "connection reset while reading",
         httpx.WriteError: "connection reset while writing",
-    }.get(type(exc), "network error")
+        httpx.DecodingError: "response body could not be decoded",
+    }
+    kind = kinds.get(type(exc), "network error")
     text = str(exc)
     return TransportError(
         f"{kind}: {text}" if text else kind,

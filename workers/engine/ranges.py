@@ -265,12 +265,10 @@ class _PartStream:
             if part.received != part.size:
                 raise TransportError(f"range part at {part.start} of {self._digest} ended after "
                                      f"{part.received} of {part.size} bytes", reference=str(self._src))
-        except httpx.TransportError as exc:
-            if self._closed:
+        except httpx.HTTPError as exc:
+            if isinstance(exc, httpx.TransportError) and self._closed:
                 raise _Cancelled from None
             raise transport_error(exc, reference=self._src) from exc
-        except httpx.HTTPError as exc:
-            raise TransportError(str(exc), reference=str(self._src)) from exc
         finally:
             with self._cond:
                 part.response = None

@@ -217,7 +217,7 @@ class RegistryTransport:
                 raise error_from_response(response, reference=reference)
             if not stream:
                 response.read()
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:
             response.close()
             raise transport_error(exc, url=safe_url, reference=reference) from exc
         except BaseException:
@@ -261,12 +261,12 @@ class RegistryTransport:
         params: Mapping[str, str] | None = None,
     ) -> Iterator[httpx.Response]:
         """One attempt whose body is read by the caller; closed on exit. A connection cut
-        while the body is read raises a typed (temporary) error, as one before the answer does."""
+        (or an undecodable body) while the body is read raises a typed, temporary error."""
         response = self.send(method, host, url, ok=ok, reference=reference, headers=headers,
                              params=params, stream=True)
         try:
             yield response
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:
             raise transport_error(exc, url=str(response.request.url.copy_with(query=None)),
                                   reference=reference) from exc
         finally:
