@@ -134,7 +134,8 @@ class RedisCoordinator:
             yield
             return
         try:
-            cm = self.limiter.acquire(reg, self.quota.pause_key(reg))
+            # The credential auth uses right now, from the cached view: no extra round trip per request.
+            cm = self.limiter.acquire(reg, keys.pause(reg, self.credential_index(reg)))
             cm.__enter__()
         except redis.RedisError as exc:
             log.warning("coordination unavailable (limits for %s): %s", reg, exc)

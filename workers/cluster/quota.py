@@ -49,11 +49,8 @@ class QuotaBoard:
             return 0
         return int(self.client.get(keys.credential(registry)) or 0) % n
 
-    def pause_key(self, registry: str) -> str:
-        return keys.pause(registry, self.credential_index(registry))
-
     def pause_until(self, registry: str) -> float | None:
-        value = self.client.get(self.pause_key(registry))
+        value = self.client.get(keys.pause(registry, self.credential_index(registry)))
         until = int(value) / 1000 if value else None
         return until if until is not None and until > time.time() else None
 
