@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from pydantic import SecretStr, ValidationError
@@ -22,6 +22,12 @@ from config.settings import FerrySettings, describe_validation_error
 from producer.listfile import ListFileError, parse_list
 from producer.mapping import Target, map_destinations
 from producer.report import as_json, render, summarize
+
+if TYPE_CHECKING:  # imported lazily at run time, so bad input is reported before Celery loads
+    from celery import Celery
+
+    from config.jobs import BatchMeta
+    from workers.batches import BatchSnapshot, BatchStore
 
 USAGE = 2
 # User and registry text passes through rich.markup.escape: "[...]" in it would be read as markup.
@@ -132,7 +138,7 @@ def _broker(settings: FerrySettings, err: Console) -> Iterator[FerrySettings]:
         yield settings.model_copy(update={"broker_url": SecretStr(url)})
 
 
-def _connect(settings: FerrySettings) -> tuple[Any, Any]:
+def _connect(settings: FerrySettings) -> tuple[Celery, BatchStore]:
     from workers.app import configure
     from workers.batches import BatchStore
 
@@ -155,7 +161,7 @@ def _safe_url(url: str) -> str:
     return f"{p.scheme}://{host}" + (f":{p.port}" if p.port else "")
 
 
-def _wait_and_report(store: Any, meta: Any, args: argparse.Namespace, out: Console, err: Console) -> int:
+def _wait_and_report(store: BatchStore, meta: BatchMeta, args: argparse.Namespace, out: Console, err: Console) -> int:
     import time
 
     from producer.progress import wait_for_batch
@@ -183,7 +189,7 @@ def _require_broker(settings: FerrySettings) -> FerrySettings:
     return settings
 
 
-def _snapshot(settings: FerrySettings, batch: str) -> tuple[Any, Any, Any]:
+def _snapshot(settings: FerrySettings, batch: str) -> tuple[Celery, BatchStore, BatchSnapshot]:
     app, store = _connect(_require_broker(settings))
     snap = store.snapshot(batch)
     if snap is None:
