@@ -15,6 +15,7 @@ from config.settings import FerrySettings
 
 # Imported here, in the worker's main process, so pool processes inherit them at fork
 # instead of each importing httpx, docker and friends again on its first task.
+from workers.app import CLEANUP_TASK, SYNC_QUEUE, node_queue
 from workers.batches import BatchStore
 from workers.cluster.coordinator import RedisCoordinator
 from workers.cluster.ratelimit import Limit
@@ -106,8 +107,6 @@ def build_coordinator(s: FerrySettings) -> Coordinator:
 
 
 def upkeep_config(s: FerrySettings) -> UpkeepConfig:
-    from workers.app import CLEANUP_TASK, SYNC_QUEUE, node_queue
-
     return UpkeepConfig(
         node=s.node, engine=s.engine, cache_dir=cache_dir(s), min_free_bytes=int(s.cache.min_free_bytes),
         sync_queue=SYNC_QUEUE, node_queue=node_queue(s.node), cleanup_task=CLEANUP_TASK,
