@@ -171,11 +171,11 @@ def _wait_and_report(store: BatchStore, meta: BatchMeta, args: argparse.Namespac
     summary = summarize(snap, elapsed=time.monotonic() - started)
     render(out, snap, summary)
     if args.json:
-        _write_json(args.json, as_json(snap, summary), out)
+        _write_json(args.json, as_json(snap, summary))
     return summary.exit_code
 
 
-def _write_json(dest: str, doc: dict[str, Any], out: Console) -> None:
+def _write_json(dest: str, doc: dict[str, Any]) -> None:
     text = json.dumps(doc, indent=2)
     if dest == "-":
         print(text)
@@ -207,7 +207,7 @@ def cmd_status(args: argparse.Namespace, settings: FerrySettings, out: Console, 
            "up_to_date": summary.up_to_date, "failed": summary.failed, "running": len(running),
            "bytes_moved": sum(snap.progress.values())}
     if args.json:
-        _write_json(args.json, doc, out)
+        _write_json(args.json, doc)
     else:
         out.print("  ".join(f"{k}={v}" for k, v in doc.items()))
         jobs = dict(zip(snap.meta.task_ids, snap.meta.jobs, strict=True))
@@ -221,7 +221,7 @@ def cmd_report(args: argparse.Namespace, settings: FerrySettings, out: Console, 
     store.close()
     summary = summarize(snap)
     if args.json:
-        _write_json(args.json, as_json(snap, summary), out)
+        _write_json(args.json, as_json(snap, summary))
     if args.json != "-":
         render(out, snap, summary, details=True)
     return summary.exit_code

@@ -81,13 +81,8 @@ def engine(name: str) -> Engine:
         return st[key]  # type: ignore[return-value]
 
 
-def coordinator() -> Coordinator:
-    """This process's link to the cluster (a local stand-in when no Redis is configured)."""
-    with _lock:
-        return _coordinator(_local())
-
-
 def _coordinator(st: dict[str, object]) -> Coordinator:
+    """This process's link to the cluster (a local stand-in when no Redis is configured)."""
     if "coordinator" not in st:
         st["coordinator"] = build_coordinator(settings())
     return st["coordinator"]  # type: ignore[return-value]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,17 +111,6 @@ class Cluster:
     def results(self, batch: str) -> dict[str, dict[str, Any]]:
         return {k: json.loads(v) for k, v in self.hash(batch, "results").items()}
 
-    def wait_state(self, batch: str, prefix: str, timeout: float = 60) -> tuple[str, str]:
-        """(task id, state) of the first task whose state starts with ``prefix``."""
-        hit: list[tuple[str, str]] = []
-
-        def look() -> bool:
-            hit[:] = [(t, s) for t, s in self.hash(batch, "state").items() if s.startswith(prefix)]
-            return bool(hit)
-
-        wait_until(look, timeout, f"a task in state {prefix!r}")
-        return hit[0]
-
     def worker(self, node: str) -> Worker:
         return next(w for w in self.workers if w.node == node)
 
@@ -157,6 +145,3 @@ def wait_proc(p: subprocess.Popen[str], timeout: float) -> tuple[int, str, str]:
         raise AssertionError(f"producer still running after {timeout}s:\n{out}\n{err}") from None
     return p.returncode, out, err
 
-
-def elapsed_since(t0: float) -> float:
-    return round(time.monotonic() - t0, 1)
