@@ -28,8 +28,11 @@ def task_id_for(batch_id: str, job: SyncJob) -> str:
 
 
 def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: EngineName) -> list[SyncJob]:
-    return [
-        SyncJob(
+    """One job per distinct copy: lines that spell the same copy differently share one task id,
+    and two jobs under one id would be counted twice in the report."""
+    jobs: dict[tuple[str, tuple[str, ...], tuple[str, ...]], SyncJob] = {}
+    for m in mapped:
+        job = SyncJob(
             batch_id=batch_id,
             source=str(m.entry.source),
             destinations=[str(d) for d in m.destinations],
@@ -37,8 +40,8 @@ def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: EngineName) -> l
             engine=engine,
             line=m.entry.line,
         )
-        for m in mapped
-    ]
+        jobs.setdefault((job.source, tuple(job.destinations), tuple(job.platforms)), job)
+    return list(jobs.values())
 
 
 def enqueue(app: Celery, store: BatchStore, batch_id: str, list_file: str, targets: list[str],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from config.reference import Platform, ReferenceError
+from producer.enqueue import build_jobs, task_id_for
 from producer.listfile import ListEntry, ListFileError, parse_list
 from producer.mapping import Mapped, Target, map_destinations
 
@@ -193,6 +194,14 @@ def test_same_image_written_twice_to_one_destination_is_not_a_collision() -> Non
         (1, ["127.0.0.1:5002/library/nginx:1"]),
         (2, ["127.0.0.1:5002/library/nginx:1"]),
     ]
+
+
+def test_the_same_copy_written_twice_becomes_one_job() -> None:
+    # Two jobs would share one task id: the report would count the image twice.
+    entries = _entries("nginx:1\nnginx:1 127.0.0.1:5002/library/nginx:1\nredis:7\n")
+    jobs = build_jobs("b", map_destinations(entries, [Target.parse("127.0.0.1:5002")], flatten=False), "registry")
+    assert [(j.line, j.source) for j in jobs] == [(1, "docker.io/library/nginx:1"), (3, "docker.io/library/redis:7")]
+    assert len({task_id_for("b", j) for j in jobs}) == 2
 
 
 def test_digest_only_destinations_collide_only_on_the_same_digest() -> None:
