@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import redis
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -60,7 +61,7 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, poll
 def _tally(store: BatchStore, meta: BatchMeta) -> tuple[int, int] | None:
     try:
         return store.tally(meta.batch_id)
-    except Exception:
+    except redis.RedisError:
         return None
 
 
@@ -68,5 +69,5 @@ def _snapshot(store: BatchStore, meta: BatchMeta) -> BatchSnapshot | None:
     """A broker restart must not end the wait: keep polling until Redis answers again."""
     try:
         return store.snapshot(meta.batch_id, meta)
-    except Exception:
+    except redis.RedisError:  # anything else is a bug to report, not a reason to wait forever
         return None
