@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Retry
 
 from config.jobs import SyncJob, SyncResult
 from workers import runtime
@@ -79,7 +80,12 @@ def sync_image(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     })
     if result.status == "failed" and result.temporary and attempt < s.task_max_retries:
         store.record_state(j.batch_id, task_id, f"retrying: {result.error}")
-        raise self.retry(countdown=_retry_delay(attempt), max_retries=s.task_max_retries)
+        try:
+            raise self.retry(countdown=_retry_delay(attempt), max_retries=s.task_max_retries)
+        except Retry:
+            raise
+        except Exception as e:  # the retry could not be queued: end the image rather than lose it
+            log.warning("retry of %s not queued: %s", j.source, e)
     store.record_result(result)
     if result.status == "failed":
         raise ImageSyncFailed(f"{j.source}: {result.error}")
