@@ -18,7 +18,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -274,8 +274,6 @@ class _Session:
     location: str | None = None
     mark: tuple[int, Any] | None = None
     monolithic: bool = False
-    restarts: int = 0
-    sessions: list[str] = field(default_factory=list)
 
 
 def _range_end(value: str | None) -> int | None:
@@ -506,7 +504,6 @@ class BlobCopier:
             if have == session.mark[0]:
                 reader.rewind(session.mark)
                 return
-        session.restarts += 1
         self._cancel(dst, session.location)
         session.location = None
         self._start(dst, reader, session)
