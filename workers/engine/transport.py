@@ -12,7 +12,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -32,15 +32,6 @@ DEFAULT_USER_AGENT = f"ferry/{VERSION}"
 MAX_CONNECTIONS_PER_HOST = 32
 # Recent response times kept per host; their minimum discounts busy moments.
 LATENCY_SAMPLES = 16
-
-
-# Builds the httpx.Auth for one registry host (and whether it is plain HTTP).
-AuthFactory = Callable[[str, Keychain, bool], httpx.Auth | None]
-
-
-def default_auth(registry: str, keychain: Keychain, insecure: bool) -> httpx.Auth | None:
-    """The auth every registry client gets: token and basic challenges for ``registry``."""
-    return RegistryAuth(registry, keychain, insecure=insecure)
 
 
 @dataclass(frozen=True)
@@ -81,7 +72,6 @@ class RegistryTransport:
         read_timeout: float = 60.0,
         user_agent: str = DEFAULT_USER_AGENT,
         max_connections: int = MAX_CONNECTIONS_PER_HOST,
-        auth_factory: AuthFactory = default_auth,
         coordinator: Coordinator | None = None,
         quota_floor: int = 1,
     ) -> None:
@@ -91,12 +81,10 @@ class RegistryTransport:
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self.user_agent = user_agent
         self.max_connections = max_connections
-        self._auth_factory = auth_factory
         # Cluster limits and quota pauses apply to every request on the wire.
         self.coordinator = coordinator
         self.quota_floor = quota_floor
         self._clients: dict[str, httpx.Client] = {}
-        self._auths: list[httpx.Auth] = []
         self._quotas: dict[str, RateQuota] = {}
         self._latency: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
@@ -130,13 +118,10 @@ class RegistryTransport:
         transport: httpx.BaseTransport = httpx.HTTPTransport(verify=client_context(), limits=limits, retries=0)
         if self.coordinator is not None:
             transport = ThrottledTransport(transport, host, self.coordinator, quota_floor=self.quota_floor)
-        auth = self._auth_factory(host, self.keychain, self.scheme(host) == "http")
-        if auth is not None:
-            self._auths.append(auth)
         return httpx.Client(
             base_url=self.base_url(host),
             transport=transport,
-            auth=auth,
+            auth=RegistryAuth(host, self.keychain, insecure=self.scheme(host) == "http"),
             timeout=self.timeout,
             headers={"User-Agent": self.user_agent},
             # httpx drops Authorization when a redirect leaves the origin (blob storage URLs).
@@ -147,13 +132,8 @@ class RegistryTransport:
         with self._lock:
             self._closed = True
             clients, self._clients = list(self._clients.values()), {}
-            auths, self._auths = self._auths, []
         for c in clients:
             c.close()
-        for a in auths:
-            close = getattr(a, "close", None)
-            if callable(close):
-                close()
 
     # -- quota ---------------------------------------------------------------------
 
