@@ -26,7 +26,8 @@ DEFAULT_PAUSE = 2.0
 _WINDOW = re.compile(r";\s*w=(\d+)")
 
 
-def _leading_int(value: str | None) -> int | None:
+def quota_number(value: str | None) -> int | None:
+    """The first number of a ``RateLimit-*`` header (``100;w=21600`` -> 100), or None."""
     if not value:
         return None
     try:
@@ -43,7 +44,7 @@ def quota_reset(response: httpx.Response, floor: int, now: float | None = None) 
     """
     now = time.time() if now is None else now
     headers = response.headers
-    remaining = _leading_int(headers.get("RateLimit-Remaining"))
+    remaining = quota_number(headers.get("RateLimit-Remaining"))
     if response.status_code != 429 and (remaining is None or remaining >= floor):
         return None
     after = parse_retry_after(headers.get("Retry-After"), now)

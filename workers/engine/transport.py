@@ -22,7 +22,7 @@ from workers.engine.auth import AnonymousKeychain, Keychain, RegistryAuth
 from workers.engine.errors import RegistryError, error_from_response, transport_error
 from workers.engine.protocols import Coordinator
 from workers.engine.retry import RetryPolicy
-from workers.engine.throttle import ThrottledTransport
+from workers.engine.throttle import ThrottledTransport, quota_number
 from workers.engine.tls import client_context
 
 VERSION = "0.1.0"
@@ -48,15 +48,6 @@ class RateQuota:
         if self.limit:
             return self.remaining <= self.limit * fraction
         return self.remaining <= 5
-
-
-def _quota_number(value: str | None) -> int | None:
-    if not value:
-        return None
-    try:
-        return int(value.split(";", 1)[0].strip())
-    except ValueError:
-        return None
 
 
 class RegistryTransport:
@@ -141,9 +132,9 @@ class RegistryTransport:
         return self._quotas.get(host)
 
     def _note_quota(self, host: str, response: httpx.Response) -> None:
-        remaining = _quota_number(response.headers.get("RateLimit-Remaining"))
+        remaining = quota_number(response.headers.get("RateLimit-Remaining"))
         if remaining is not None:
-            limit = _quota_number(response.headers.get("RateLimit-Limit"))
+            limit = quota_number(response.headers.get("RateLimit-Limit"))
             self._quotas[host] = RateQuota(limit, remaining, time.time())
 
     # -- distance ------------------------------------------------------------------
