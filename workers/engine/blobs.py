@@ -34,7 +34,7 @@ from workers.engine.errors import (
 )
 from workers.engine.local_coordinator import LocalCoordinator
 from workers.engine.manifests import Descriptor
-from workers.engine.protocols import Coordinator
+from workers.engine.protocols import Coordinator, ProgressFn
 from workers.engine.ranges import DEFAULT_THRESHOLD, MIN_LATENCY, Opener, RangeFetcher
 from workers.engine.transport import RegistryTransport
 
@@ -51,7 +51,6 @@ PIECE_SIZE = 1024 * 1024
 SEEN_LIMIT = 200_000
 MAX_MOUNT_TRIES = 3
 
-ProgressFn = Callable[[int], None]
 Action = Literal["skipped", "mounted", "copied"]
 
 

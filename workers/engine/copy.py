@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, Executor, Future, wait
 from dataclasses import dataclass, field
 
@@ -29,11 +29,11 @@ from workers.engine.manifests import (
     put_manifest,
     sha256_digest,
 )
+from workers.engine.protocols import ProgressFn
 from workers.engine.transport import RegistryTransport
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int], None]
 # What a registry answers when a pushed manifest names a blob it does not have.
 BLOB_UNKNOWN_CODES = frozenset({"MANIFEST_BLOB_UNKNOWN", "BLOB_UNKNOWN"})
 # Indexes of indexes exist (nested artifacts); deeper trees are not images.
