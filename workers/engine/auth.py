@@ -657,13 +657,15 @@ class RegistryAuth(httpx.Auth):
     def _lookup(self, realm: _Realm, scope: Scope, stale: str | None) -> _Token | None:
         """A live cached token covering ``scope`` (and not the one just refused). Holds _lock."""
         now = time.monotonic()
+
+        def usable(tok: _Token) -> bool:
+            return tok.expires_at > now and tok.header != stale and scope <= tok.scope
+
+        # The exact scope first: a hit there (nearly every request) skips scanning the rest.
         exact = self._tokens.get((realm, scope))
-        candidates = [exact] if exact is not None else []
-        candidates += [t for (r, s), t in self._tokens.items() if r == realm and s != scope]
-        for tok in candidates:
-            if tok.expires_at > now and tok.header != stale and scope <= tok.scope:
-                return tok
-        return None
+        if exact is not None and usable(exact):
+            return exact
+        return next((t for (r, s), t in self._tokens.items() if r == realm and s != scope and usable(t)), None)
 
     def _prune(self, now: float) -> None:
         for key in [k for k, t in self._tokens.items() if t.expires_at <= now]:
