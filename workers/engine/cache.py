@@ -15,7 +15,6 @@ Garbage collection follows BuildKit's policy names: entries unused for
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import io
@@ -278,16 +277,7 @@ class BlobCache:
             if fd is None:
                 return None
             try:
-                st = path.stat()
-                if seen_mtime is not None and st.st_mtime != seen_mtime:
-                    return None
-                path.unlink()
-                return st.st_size
-            except FileNotFoundError:
-                return 0
-            except OSError as e:
-                errors.append(f"{path.name}: {e.strerror or e}")
-                return None
+                return _unlink(path, errors, seen_mtime)
             finally:
                 self._release_exclusive(key, fd)
 
@@ -356,14 +346,17 @@ class BlobCache:
                 self._release_exclusive(key, fd)
 
 
-def _unlink(path: Path, errors: list[str]) -> int | None:
+def _unlink(path: Path, errors: list[str], seen_mtime: float | None = None) -> int | None:
+    """Bytes freed by deleting ``path`` (0 when already gone); None when it was kept, because
+    it changed since ``seen_mtime`` or could not be deleted (noted in ``errors``)."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if seen_mtime is not None and st.st_mtime != seen_mtime:
+            return None
         path.unlink()
-        return size
+        return st.st_size
     except FileNotFoundError:
         return 0
     except OSError as e:
-        if e.errno != errno.ENOENT:
-            errors.append(f"{path.name}: {e.strerror or e}")
+        errors.append(f"{path.name}: {e.strerror or e}")
         return None
