@@ -21,8 +21,6 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_SCHEMA1 = "application/vnd.docker.distribution.manifest.v1+json"
 DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
-OCI_IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
-DOCKER_IMAGE_CONFIG = "application/vnd.docker.container.image.v1+json"
 
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 IMAGE_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
@@ -52,7 +50,6 @@ class Descriptor:
     digest: str
     size: int
     platform: Mapping[str, Any] | None = None
-    artifact_type: str | None = None
     urls: tuple[str, ...] = ()
 
     @classmethod
@@ -71,7 +68,6 @@ class Descriptor:
             digest=digest,
             size=size,
             platform=platform if isinstance(platform, dict) else None,
-            artifact_type=doc.get("artifactType") if isinstance(doc.get("artifactType"), str) else None,
             urls=tuple(u for u in urls if isinstance(u, str)) if isinstance(urls, list) else (),
         )
 
@@ -92,20 +88,11 @@ class Manifest:
     layers: tuple[Descriptor, ...] = ()
     children: tuple[Descriptor, ...] = ()
     subject: Descriptor | None = None
-    artifact_type: str | None = None
     doc: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def is_index(self) -> bool:
         return self.media_type in INDEX_TYPES
-
-    @property
-    def is_artifact(self) -> bool:
-        """An OCI artifact: declared artifactType, or a config that is not an image config."""
-        if self.artifact_type:
-            return True
-        image_configs = (OCI_IMAGE_CONFIG, DOCKER_IMAGE_CONFIG)
-        return self.config is not None and self.config.media_type not in image_configs
 
     def blobs(self) -> list[Descriptor]:
         """The blobs this manifest needs at the destination (config first, then layers)."""
@@ -153,14 +140,12 @@ def parse_manifest(raw: bytes, *, content_type: str | None, digest: str | None =
     digest = digest or sha256_digest(raw)
     subject_doc = doc.get("subject")
     subject = Descriptor.from_json(subject_doc, "subject") if isinstance(subject_doc, dict) else None
-    artifact_type = doc.get("artifactType") if isinstance(doc.get("artifactType"), str) else None
     if media_type in INDEX_TYPES:
         entries = doc.get("manifests")
         if not isinstance(entries, list):
             raise ManifestError("index has no 'manifests' list")
         children = tuple(Descriptor.from_json(e, f"manifests[{i}]") for i, e in enumerate(entries))
-        return Manifest(media_type, digest, raw, children=children, subject=subject,
-                        artifact_type=artifact_type, doc=doc)
+        return Manifest(media_type, digest, raw, children=children, subject=subject, doc=doc)
     if "config" not in doc:
         raise ManifestError("image manifest has no config descriptor")
     config = Descriptor.from_json(doc["config"], "config")
@@ -168,8 +153,7 @@ def parse_manifest(raw: bytes, *, content_type: str | None, digest: str | None =
     if not isinstance(layers_doc, list):
         raise ManifestError("image manifest 'layers' is not a list")
     layers = tuple(Descriptor.from_json(e, f"layers[{i}]") for i, e in enumerate(layers_doc))
-    return Manifest(media_type, digest, raw, config=config, layers=layers, subject=subject,
-                    artifact_type=artifact_type, doc=doc)
+    return Manifest(media_type, digest, raw, config=config, layers=layers, subject=subject, doc=doc)
 
 
 def _path(ref: Reference, ref_str: str | None = None) -> str:
