@@ -40,7 +40,6 @@ class RateQuota:
 
     limit: int | None
     remaining: int | None
-    seen_at: float
 
     def nearly_spent(self, fraction: float = 0.1) -> bool:
         if self.remaining is None:
@@ -135,7 +134,7 @@ class RegistryTransport:
         remaining = quota_number(response.headers.get("RateLimit-Remaining"))
         if remaining is not None:
             limit = quota_number(response.headers.get("RateLimit-Limit"))
-            self._quotas[host] = RateQuota(limit, remaining, time.time())
+            self._quotas[host] = RateQuota(limit, remaining)
 
     # -- distance ------------------------------------------------------------------
 
