@@ -35,7 +35,7 @@ from workers.engine.errors import (
 from workers.engine.local_coordinator import LocalCoordinator
 from workers.engine.manifests import Descriptor
 from workers.engine.protocols import Coordinator, ProgressFn
-from workers.engine.ranges import DEFAULT_THRESHOLD, MIN_LATENCY, Opener, RangeFetcher
+from workers.engine.ranges import DEFAULT_THRESHOLD, MIN_LATENCY, Opener, RangeFetcher, get_blob
 from workers.engine.transport import RegistryTransport
 
 if TYPE_CHECKING:
@@ -417,15 +417,7 @@ class BlobCopier:
 
     def _remote_opener(self, src: Reference, digest: str) -> Opener:
         def open_at(offset: int) -> tuple[Iterator[bytes], Callable[[], None]]:
-            headers = {"Range": f"bytes={offset}-"} if offset else None
-            try:
-                r = self.transport.send("GET", src.api_host, f"/v2/{src.repository}/blobs/{digest}",
-                                        ok=(200, 206), headers=headers, stream=True, reference=src)
-            except RegistryError as exc:
-                if exc.status == 416:
-                    raise DigestMismatch(f"blob {digest} at the source is shorter than its "
-                                         f"descriptor says", reference=str(src)) from None
-                raise
+            r = get_blob(self.transport, src, digest, offset)
             # No chunk size: pieces come as they arrive, so a cut loses nothing already read.
             it = r.iter_bytes()
             if offset and r.status_code == 200:

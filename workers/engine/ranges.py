@@ -57,6 +57,24 @@ CLOSE_GRACE = 2.0
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
+def get_blob(transport: RegistryTransport, src: Reference, digest: str, start: int = 0,
+             end: int | None = None) -> httpx.Response:
+    """One streamed GET of the blob's bytes ``start``..``end`` (exclusive; None: to its end),
+    200 or 206; the caller closes it. A range past the end means the blob is shorter than
+    its descriptor."""
+    headers = None
+    if start or end is not None:
+        headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
+    try:
+        return transport.send("GET", src.api_host, f"/v2/{src.repository}/blobs/{digest}", ok=(200, 206),
+                              headers=headers, stream=True, reference=src)
+    except RegistryError as exc:
+        if exc.status == 416:
+            raise DigestMismatch(f"blob {digest} at the source is shorter than its descriptor says",
+                                 reference=str(src)) from None
+        raise
+
+
 def part_size(remaining: int, parallel: int) -> int:
     """Even parts over ``parallel`` connections, within [MIN_PART, MAX_PART]."""
     return max(MIN_PART, min(MAX_PART, -(-remaining // max(parallel, 1))))
@@ -139,7 +157,6 @@ class _PartStream:
         self._fetcher = fetcher
         self._src = src
         self._digest = digest
-        self._path = f"/v2/{src.repository}/blobs/{digest}"
         self._size = size
         self._next = offset  # first byte not yet given to a part
         self._pos = offset  # first byte not yet handed out
@@ -237,15 +254,7 @@ class _PartStream:
     def _download(self, part: _Part) -> None:
         if self._closed:
             raise _Cancelled
-        try:
-            r = self._fetcher.transport.send(
-                "GET", self._src.api_host, self._path, ok=(200, 206), stream=True, reference=self._src,
-                headers={"Range": f"bytes={part.start}-{part.end - 1}"})
-        except RegistryError as exc:
-            if exc.status == 416:
-                raise DigestMismatch(f"blob {self._digest} at the source is shorter than its "
-                                     f"descriptor says", reference=str(self._src)) from None
-            raise
+        r = get_blob(self._fetcher.transport, self._src, self._digest, part.start, part.end)
         try:
             with self._cond:
                 if self._closed:
