@@ -382,12 +382,11 @@ class BlobCopier:
             self.coordinator.forget_blob(dst.api_host, repo, digest)
         return None
 
-    def _mount_sources(self, src: Reference, dst: Reference, digest: str,
-                       ledger: list[str] | None = None) -> list[str]:
+    def _mount_sources(self, src: Reference, dst: Reference, digest: str, ledger: list[str]) -> list[str]:
         repos = []
         if src.api_host == dst.api_host and src.repository != dst.repository:
             repos.append(src.repository)
-        for repo in [*(ledger or []), *self.tracker.repositories(dst.api_host, digest)]:
+        for repo in [*ledger, *self.tracker.repositories(dst.api_host, digest)]:
             if repo != dst.repository and repo not in repos:
                 repos.append(repo)
         return repos[:MAX_MOUNT_TRIES]
