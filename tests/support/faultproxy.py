@@ -174,6 +174,8 @@ class FaultProxy:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Every open client and upstream stream, so stop() can cut them all at once.
+        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def host(self) -> str:
@@ -217,11 +219,21 @@ class FaultProxy:
     async def _shutdown(self) -> None:
         assert self._server is not None
         self._server.close()
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self._server.wait_closed()
+        # A connection accepted just before close() may not have started its handler yet, and
+        # wait_closed() waits for it: sweep a few times so late handlers are cancelled too.
+        quiet = 0
+        while quiet < 3:
+            for w in list(self._writers):  # a cut stream wakes whatever awaits it
+                w.transport.abort()
+            tasks = [t for t in self._tasks if not t.done()]
+            quiet = 0 if tasks else quiet + 1
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=2)
+            await asyncio.sleep(0.01)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), 5)
 
     # -- rules and records (called from test threads)
 
@@ -296,6 +308,7 @@ class FaultProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._writers.add(writer)
         self.connections += 1
         clean = False
         try:
@@ -318,8 +331,9 @@ class FaultProxy:
         except Exception:
             self.errors.append(traceback.format_exc())
         finally:
-            await _close(writer, abort=not clean)
             self._tasks.discard(task)
+            self._writers.discard(writer)
+            await _close(writer, abort=not clean)
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                         first: bytes = b"") -> bool:
@@ -378,6 +392,7 @@ class FaultProxy:
         except OSError:
             await self._answer(writer, seen, Status(502, body=b"upstream unreachable"), method, False)
             return False
+        self._writers.add(up_w)
         done = False
         try:
             # One upstream connection per request: no stale pooled connections to reason about.
@@ -415,6 +430,7 @@ class FaultProxy:
             done = True
             return keep_alive
         finally:
+            self._writers.discard(up_w)
             await _close(up_w, abort=not done)
 
     def _rewrite(self, location: str) -> str:
