@@ -18,7 +18,7 @@ from workers.engine.auth import Keychain, canonical_registry
 from workers.engine.blobs import DEFAULT_CHUNK_SIZE, BlobCopier
 from workers.engine.cache import BlobCache
 from workers.engine.copy import CopyOutcome, copy_image
-from workers.engine.errors import RegistryError
+from workers.engine.errors import DigestMismatch, NotFound, RegistryError
 from workers.engine.protocols import Coordinator, ProgressFn
 from workers.engine.ranges import DEFAULT_PARALLEL, DEFAULT_THRESHOLD
 from workers.engine.retry import RetryPolicy
@@ -53,6 +53,22 @@ class RegistryOptions:
     # once (0/1: one stream), for registries that cap each connection's throughput.
     range_parallel: int = DEFAULT_PARALLEL
     range_threshold: int = DEFAULT_THRESHOLD
+
+
+# What a pull-through mirror answers for content it does not hold (or holds damaged).
+MIRROR_GAPS = (NotFound, DigestMismatch)
+
+
+def _merge(earlier: CopyOutcome, retried: CopyOutcome) -> CopyOutcome:
+    """``earlier`` with the destinations that ``retried`` went round again replaced by its results."""
+    again = {d.destination for d in retried.destinations}
+    return CopyOutcome(
+        source_digest=earlier.source_digest or retried.source_digest,
+        destinations=[d for d in earlier.destinations if d.destination not in again] + retried.destinations,
+        failures={**{k: v for k, v in earlier.failures.items() if k not in again}, **retried.failures},
+        bytes_downloaded=earlier.bytes_downloaded + retried.bytes_downloaded,
+        bytes_uploaded=earlier.bytes_uploaded + retried.bytes_uploaded,
+    )
 
 
 class RegistryEngine:
@@ -115,15 +131,26 @@ class RegistryEngine:
     def _copy_via_mirrors(self, src: Reference, dsts: list[Reference], platforms: list[Platform],
                           progress: ProgressFn) -> CopyOutcome:
         candidates = self.sources(src)
+        merged: CopyOutcome | None = None
+        pending = dsts
         for i, source in enumerate(candidates):
+            last = i == len(candidates) - 1
             try:
-                return self._copy(source, dsts, platforms, progress)
+                outcome = self._copy(source, pending, platforms, progress)
             except RegistryError as exc:
-                if i == len(candidates) - 1:
+                if last:
                     raise
                 # Blobs already copied through the mirror are skipped on the way round.
                 log.info("mirror %s failed for %s (%s); trying %s", source.registry, src, exc,
                          candidates[i + 1].registry)
+                continue
+            merged = outcome if merged is None else _merge(merged, outcome)
+            # A mirror that lacks a blob fails only the destinations that needed it: those go round again.
+            gaps = [d for d in pending if isinstance(outcome.failures.get(str(d)), MIRROR_GAPS)]
+            if last or not gaps:
+                return merged
+            log.info("mirror %s lacks part of %s; trying %s", source.registry, src, candidates[i + 1].registry)
+            pending = gaps
         raise AssertionError("unreachable")
 
     def _copy(self, src: Reference, dsts: list[Reference], platforms: list[Platform],
