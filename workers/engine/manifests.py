@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from config.reference import Reference
+from config.reference import Reference, is_digest
 from workers.engine.errors import ManifestError, NotFound
 from workers.engine.transport import RegistryTransport
 
@@ -57,7 +57,7 @@ class Descriptor:
         if not isinstance(doc, dict):
             raise ManifestError(f"{where} is not a descriptor object")
         digest, size, media_type = doc.get("digest"), doc.get("size"), doc.get("mediaType", "")
-        if not isinstance(digest, str) or ":" not in digest:
+        if not isinstance(digest, str) or not is_digest(digest):
             raise ManifestError(f"{where} has no valid digest")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ManifestError(f"{where} has no valid size")
