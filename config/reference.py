@@ -22,7 +22,7 @@ from functools import lru_cache
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 # Other spellings of Docker Hub, folded into DOCKER_HUB.
-_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 OFFICIAL_PREFIX = "library/"
 DEFAULT_TAG = "latest"
 NAME_MAX = 255
@@ -91,7 +91,7 @@ def is_digest(s: str) -> bool:
 
 def normalize_registry(registry: str) -> str:
     """Docker Hub's several host names become ``docker.io``; others are kept as written."""
-    return DOCKER_HUB if registry.lower() in _HUB_ALIASES else registry
+    return DOCKER_HUB if registry.lower() in HUB_ALIASES else registry
 
 
 def host_is_loopback(registry: str) -> bool:

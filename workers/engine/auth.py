@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from config.reference import DOCKER_HUB, HUB_ALIASES
 from workers.engine.errors import (
     Denied,
     InvalidRequest,
@@ -39,12 +40,10 @@ from workers.engine.tls import client_context
 
 log = logging.getLogger(__name__)
 
-DOCKER_HUB = "docker.io"
 # Where docker keeps Docker Hub credentials (config.json keys, credential helpers).
 DOCKER_HUB_SERVER_URL = "https://index.docker.io/v1/"
-_HUB_ALIASES = frozenset(
-    {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
-)
+# Credentials are also filed under the Hub's web host.
+_HUB_ALIASES = HUB_ALIASES | {"registry.hub.docker.com"}
 _CLIENT_ID = "ferry"
 # Token lifetime when the token service does not say (docker's default).
 DEFAULT_TOKEN_TTL = 60.0
