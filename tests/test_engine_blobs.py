@@ -11,12 +11,11 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from config.reference import Reference
 from tests.support.faultproxy import Corrupt, DropAfter, FaultProxy, Hangup, Rule
-from tests.support.images import Pusher
+from tests.support.images import Pusher, push_random_blob
 from tests.support.registry import Registry
 from workers.engine.blobs import BlobCopier
 from workers.engine.cache import BlobCache, CachePolicy
@@ -127,22 +126,7 @@ def test_size_disagreeing_with_descriptor_is_refused(src: Registry, dst: Registr
 
 def test_large_blob_streams_in_bounded_memory(src: Registry, dst: Registry, transport: RegistryTransport) -> None:
     size = 50 * 1024 * 1024
-    hasher = hashlib.sha256()
-    rng = random.Random(7)
-
-    def body() -> Iterator[bytes]:
-        left = size
-        while left:
-            piece = rng.randbytes(min(left, 1 << 20))
-            hasher.update(piece)
-            left -= len(piece)
-            yield piece
-
-    with httpx.Client(base_url=src.url, timeout=60) as c:
-        loc = c.post("/v2/big/blob/blobs/uploads/").headers["Location"]
-        loc = c.patch(loc, content=body()).headers["Location"]
-        digest = "sha256:" + hasher.hexdigest()
-        c.put(httpx.URL(loc).copy_merge_params({"digest": digest})).raise_for_status()
+    digest = push_random_blob(src.url, "big/blob", size, seed=7)
     desc = Descriptor(LAYER, digest, size)
     tracemalloc.start()
     try:

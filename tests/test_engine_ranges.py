@@ -14,7 +14,7 @@ import pytest
 
 from config.reference import Reference
 from tests.support.faultproxy import Corrupt, Delay, DropAfter, FaultProxy, Rule, Stall, Status, Truncate
-from tests.support.images import Pusher
+from tests.support.images import Pusher, push_random_blob
 from tests.support.registry import Registry
 from workers.engine.blobs import BlobCopier
 from workers.engine.errors import DigestMismatch
@@ -217,22 +217,7 @@ def test_closing_the_stream_stops_parts_in_flight(src: Registry, src_pusher: Pus
 
 def test_ranged_copy_memory_stays_bounded(src: Registry, dst: Registry, transport: RegistryTransport) -> None:
     size = 64 * MiB
-    hasher = hashlib.sha256()
-    rng = random.Random(11)
-
-    def body() -> Iterator[bytes]:
-        left = size
-        while left:
-            piece = rng.randbytes(min(left, MiB))
-            hasher.update(piece)
-            left -= len(piece)
-            yield piece
-
-    with httpx.Client(base_url=src.url, timeout=60) as c:
-        loc = c.post("/v2/big/blob/blobs/uploads/").headers["Location"]
-        loc = c.patch(loc, content=body()).headers["Location"]
-        digest = "sha256:" + hasher.hexdigest()
-        c.put(httpx.URL(loc).copy_merge_params({"digest": digest})).raise_for_status()
+    digest = push_random_blob(src.url, "big/blob", size, seed=11)
     desc = Descriptor(LAYER, digest, size)
     copier = BlobCopier(transport, chunk_size=16 * MiB, range_parallel=4, range_threshold=4 * MiB,
                         range_min_latency=0)

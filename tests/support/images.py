@@ -8,6 +8,7 @@ import io
 import json
 import random
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -64,6 +65,27 @@ class Pusher:
                             headers={"Content-Type": media_type})
         r.raise_for_status()
         return sha(body)
+
+
+def push_random_blob(base_url: str, repo: str, size: int, seed: int) -> str:
+    """Stream ``size`` pseudo-random bytes into ``repo`` without holding them; returns the digest."""
+    hasher = hashlib.sha256()
+    rng = random.Random(seed)
+
+    def body() -> Iterator[bytes]:
+        left = size
+        while left:
+            piece = rng.randbytes(min(left, 1 << 20))
+            hasher.update(piece)
+            left -= len(piece)
+            yield piece
+
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        loc = c.post(f"/v2/{repo}/blobs/uploads/").headers["Location"]
+        loc = c.patch(loc, content=body()).headers["Location"]
+        digest = "sha256:" + hasher.hexdigest()
+        c.put(httpx.URL(loc).copy_merge_params({"digest": digest})).raise_for_status()
+    return digest
 
 
 @dataclass
