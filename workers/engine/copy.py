@@ -25,6 +25,7 @@ from workers.engine.manifests import (
     Manifest,
     get_manifest,
     head_manifest,
+    missing_manifest,
     parse_manifest,
     put_manifest,
     sha256_digest,
@@ -204,14 +205,14 @@ def _resolve_source(transport: RegistryTransport, src: Reference) -> tuple[str, 
     registry sends no digest header — then the fetched manifest is kept for reuse."""
     head = head_manifest(transport, src)
     if head is None:
-        raise NotFound("manifest unknown", codes=["MANIFEST_UNKNOWN"], status=404, reference=str(src))
+        raise missing_manifest(transport, src)
     return head.digest, head.manifest
 
 
 def _fail(outcome: CopyOutcome, dst: Reference, exc: RegistryError) -> None:
     exc.with_reference(dst)
     outcome.failures[str(dst)] = exc
-    outcome.destinations.append(DestinationResult(destination=str(dst), status="failed", error=str(exc)))
+    outcome.destinations.append(DestinationResult(destination=str(dst), status="failed", error=exc.reason(dst)))
 
 
 def _copy_to(

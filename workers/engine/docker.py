@@ -408,7 +408,8 @@ class DockerEngine:
         if failures:
             first = failures[0]
             result.status = "failed"
-            result.error = str(first)
+            result.error = "; ".join(f"{d.destination}: {d.error}" for d in result.destinations
+                                     if d.status == "failed")
             result.error_code = first.code
             result.temporary = any(f.temporary for f in failures)
         else:
@@ -496,7 +497,8 @@ class DockerEngine:
             digest = self._call("push", t.ref, run, secrets)
         except RegistryError as e:
             e.with_reference(t.ref)
-            return DestinationResult(destination=t.ref, status="failed", error=str(e), bytes_transferred=up.bytes), e
+            return DestinationResult(destination=t.ref, status="failed", error=e.reason(t.ref),
+                                     bytes_transferred=up.bytes), e
         return DestinationResult(
             destination=t.ref,
             status="synced",
@@ -601,7 +603,7 @@ def _scrub(text: str, secrets: list[str]) -> str:
 
 def _failed(result: SyncResult, e: Exception, started: float) -> SyncResult:
     result.status = "failed"
-    result.error = str(e)
+    result.error = e.reason(result.source) if isinstance(e, RegistryError) else str(e)
     result.error_code = e.code if isinstance(e, RegistryError) else "INVALID_REFERENCE"
     result.temporary = e.temporary if isinstance(e, RegistryError) else False
     result.duration_s = time.time() - started

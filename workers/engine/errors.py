@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
 import time
 from collections.abc import Sequence
 
 import httpx
+
+from config.reference import Reference
 
 # Error bodies are small JSON documents; never read more of one than this.
 ERROR_BODY_LIMIT = 64 * 1024
@@ -59,6 +62,20 @@ class RegistryError(Exception):
 
     def __str__(self) -> str:
         return f"{self.reference}: {self.message}" if self.reference else self.message
+
+    def reason(self, about: object) -> str:
+        """The error as it reads next to the image ``about``: the message alone when it concerns
+        that image's repository (or nothing in particular), else naming what it concerns."""
+        if self.reference is None or _repository(self.reference) == _repository(str(about)):
+            return self.message
+        return str(self)
+
+
+def _repository(image: str) -> str:
+    try:
+        return Reference.parse(image).name
+    except ValueError:
+        return image
 
 
 class TransportError(RegistryError):
@@ -259,24 +276,51 @@ def transport_error(
     exc: httpx.HTTPError, *, url: str | None = None, reference: object = None
 ) -> TransportError:
     """A connection-level failure (or a body that would not decode), named the way a person
-    would describe it."""
-    kinds: dict[type[httpx.HTTPError], str] = {
-        httpx.ConnectTimeout: "connection timed out",
-        httpx.ReadTimeout: "read timed out",
-        httpx.WriteTimeout: "write timed out",
-        httpx.PoolTimeout: "timed out waiting for a free connection",
-        httpx.ConnectError: "connection failed",
-        httpx.RemoteProtocolError: "connection closed unexpectedly",
-        httpx.ReadError: "connection reset while reading",
-        httpx.WriteError: "connection reset while writing",
-        httpx.DecodingError: "response body could not be decoded",
-    }
-    kind = kinds.get(type(exc), "network error")
+    would describe it, with the host it happened with."""
     text = str(exc)
+    host = _host(exc, url) or "the registry"
+    kinds: dict[type[httpx.HTTPError], str] = {
+        httpx.ConnectTimeout: f"connection to {host} timed out",
+        httpx.ReadTimeout: f"read from {host} timed out",
+        httpx.WriteTimeout: f"write to {host} timed out",
+        httpx.PoolTimeout: f"timed out waiting for a free connection to {host}",
+        httpx.ConnectError: f"cannot connect to {host}",
+        httpx.RemoteProtocolError: f"{host} closed the connection unexpectedly",
+        httpx.ReadError: f"connection to {host} reset while reading",
+        httpx.WriteError: f"connection to {host} reset while writing",
+        httpx.DecodingError: f"response body from {host} could not be decoded",
+    }
+    if isinstance(exc, httpx.ConnectError) and "refused" in text.lower():
+        message = f"connection refused to {host}"
+    elif isinstance(exc, httpx.ConnectError) and _NAME_RESOLUTION.search(text):
+        message = f"cannot resolve {_hostname(host)}"
+    else:
+        kind = kinds.get(type(exc), f"network error with {host}")
+        message = f"{kind}: {text}" if text and text not in kind else kind
     return TransportError(
-        f"{kind}: {text}" if text else kind,
+        message,
         url=url,
         reference=str(reference) if reference is not None else None,
         # A bad URL scheme will not fix itself.
         temporary=False if isinstance(exc, httpx.UnsupportedProtocol) else None,
     )
+
+
+_NAME_RESOLUTION = re.compile(r"name or service not known|nodename nor servname|name resolution|"
+                              r"no address associated", re.IGNORECASE)
+
+
+def _host(exc: httpx.HTTPError, url: str | None) -> str | None:
+    """``host[:port]`` of the request that failed."""
+    try:
+        target = httpx.URL(url) if url else exc.request.url
+    except (RuntimeError, httpx.InvalidURL):
+        return None
+    return target.netloc.decode("ascii", "replace") or None
+
+
+def _hostname(host: str) -> str:
+    try:
+        return httpx.URL(f"//{host}").host or host
+    except httpx.InvalidURL:
+        return host

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from config.reference import Reference, is_digest
-from workers.engine.errors import ManifestError, NotFound
+from workers.engine.errors import ManifestError, NotFound, RegistryError
 from workers.engine.transport import RegistryTransport
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -186,6 +186,27 @@ def head_manifest(transport: RegistryTransport, ref: Reference) -> ManifestHead 
     return ManifestHead(m.digest, m.media_type, len(m.raw), manifest=m)
 
 
+def missing_manifest(transport: RegistryTransport, ref: Reference) -> NotFound:
+    """What a 404 for ``ref``'s manifest means: no such repository, tag or digest.
+
+    A bare 404 (HEAD has no body) does not say which; the repository's tag list does, and
+    costs no Docker Hub pull quota. One attempt: when it fails too, the message says so.
+    """
+    try:
+        transport.send("GET", ref.api_host, f"/v2/{ref.repository}/tags/list", params={"n": "1"}, reference=ref)
+        exists: bool | None = True
+    except NotFound:
+        exists = False
+    except RegistryError:
+        exists = None  # denied, or no tag listing here: cannot tell
+    if exists is False:
+        return NotFound(f"no repository {ref.name}", codes=["NAME_UNKNOWN"], status=404, reference=str(ref))
+    what = f"manifest {ref.digest}" if ref.digest else f"tag {ref.tag}"
+    unsure = "" if exists else " (or no such repository: the registry does not say which)"
+    return NotFound(f"no {what} in {ref.name}{unsure}", codes=["MANIFEST_UNKNOWN"], status=404,
+                    reference=str(ref))
+
+
 def get_manifest(transport: RegistryTransport, ref: Reference, digest: str | None = None) -> Manifest:
     """Fetch ``ref`` (or ``digest`` in its repository), at most 4 MiB, verified when by digest."""
     want = digest or ref.digest
@@ -206,7 +227,13 @@ def get_manifest(transport: RegistryTransport, ref: Reference, digest: str | Non
                                         reference=str(target))
             return bytes(buf), r.headers.get("Content-Type", ""), r.headers.get("Docker-Content-Digest")
 
-    raw, ctype, header_digest = transport.retry.call(fetch, what=f"GET manifest {target}")
+    try:
+        raw, ctype, header_digest = transport.retry.call(fetch, what=f"GET manifest {target}")
+    except NotFound as exc:
+        if not want:
+            raise
+        raise NotFound(f"no manifest {want} in {ref.name}", codes=exc.codes, status=exc.status,
+                       reference=str(target)) from None
     try:
         if want:
             algorithm = want.split(":", 1)[0]

@@ -117,9 +117,9 @@ class RegistryEngine:
             outcome = self._copy_via_mirrors(src, dsts, platforms, progress)
         except RegistryError as exc:
             exc.with_reference(src)
-            log.info("sync of %s failed: %s", src, exc)
+            log.debug("sync of %s failed: %s", src, exc)  # the task layer logs the outcome once
             return result.model_copy(update={
-                "error": str(exc), "error_code": exc.code, "temporary": exc.temporary,
+                "error": exc.reason(src), "error_code": exc.code, "temporary": exc.temporary,
                 "duration_s": time.monotonic() - t0, "warnings": self._warnings(src)})
         return self._finish(result, outcome, src, t0)
 
@@ -175,7 +175,8 @@ class RegistryEngine:
             "destinations": outcome.destinations,
             "bytes_downloaded": outcome.bytes_downloaded,
             "bytes_uploaded": outcome.bytes_uploaded,
-            "error": "; ".join(str(f) for f in failures) if failures else None,
+            "error": "; ".join(f"{d.destination}: {d.error}" for d in outcome.destinations
+                               if d.status == "failed") or None,
             "error_code": first.code if first else None,
             # Retrying helps only when every failure may pass.
             "temporary": bool(failures) and all(f.temporary for f in failures),
