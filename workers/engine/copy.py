@@ -140,6 +140,7 @@ def copy_image(
     *,
     platforms: Sequence[Platform] = (),
     progress: ProgressFn | None = None,
+    expect: ProgressFn | None = None,
     cache_single_target: bool = False,
 ) -> CopyOutcome:
     """Copy ``src`` to every destination. Source failures raise; a destination's failure
@@ -186,7 +187,7 @@ def copy_image(
 
     for dst in pending:
         try:
-            result, downloaded = _copy_to(transport, copier, executor, src_pinned, dst, plan, progress,
+            result, downloaded = _copy_to(transport, copier, executor, src_pinned, dst, plan, progress, expect,
                                           use_cache=cache_single_target or len(pending) > 1)
         except RegistryError as exc:
             _fail(outcome, dst, exc)
@@ -223,11 +224,12 @@ def _copy_to(
     dst: Reference,
     plan: ImagePlan,
     progress: ProgressFn | None,
+    expect: ProgressFn | None,
     *,
     use_cache: bool,
 ) -> tuple[DestinationResult, int]:
     """Push the plan to one destination; returns its result and the bytes read from the source."""
-    results = _copy_blobs(copier, executor, src, dst, plan.blobs, progress, use_cache)
+    results = _copy_blobs(copier, executor, src, dst, plan.blobs, progress, expect, use_cache)
     try:
         _push_manifests(transport, copier, src, dst, plan)
     except RegistryError as exc:
@@ -239,7 +241,7 @@ def _copy_to(
         for r in results:
             if r.action == "skipped":
                 copier.forget(dst, r.digest)
-        results = _copy_blobs(copier, executor, src, dst, plan.blobs, progress, use_cache)
+        results = _copy_blobs(copier, executor, src, dst, plan.blobs, progress, expect, use_cache)
         _push_manifests(transport, copier, src, dst, plan)
     root = plan.root
     return DestinationResult(
@@ -276,15 +278,24 @@ def _copy_blobs(
     dst: Reference,
     blobs: Sequence[Descriptor],
     progress: ProgressFn | None,
+    expect: ProgressFn | None,
     use_cache: bool,
 ) -> list[BlobResult]:
-    """All blobs, ``executor``-many at once; the first failure cancels what has not started."""
+    """All blobs, ``executor``-many at once; the first failure cancels what has not started.
+
+    ``expect`` hears every blob's size up front, and the size back of each one that turned out
+    to be there already (skipped or mounted): what is left is what will move."""
     stop = threading.Event()
+    if expect is not None:
+        expect(sum(d.size for d in blobs))
 
     def one(desc: Descriptor) -> BlobResult:
         if stop.is_set():
             raise RegistryError("cancelled after another blob failed")
-        return copier.copy(src, dst, desc, progress, use_cache=use_cache)
+        result = copier.copy(src, dst, desc, progress, use_cache=use_cache)
+        if expect is not None and result.action != "copied":
+            expect(-desc.size)
+        return result
 
     futures: list[Future[BlobResult]] = [executor.submit(one, d) for d in blobs]
     done, _ = wait(futures, return_when=FIRST_EXCEPTION)

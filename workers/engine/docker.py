@@ -316,7 +316,8 @@ class DockerEngine:
 
     # -- sync ------------------------------------------------------------------------
 
-    def sync(self, job: SyncJob, progress: ProgressFn) -> SyncResult:
+    def sync(self, job: SyncJob, progress: ProgressFn, *, expect: ProgressFn | None = None) -> SyncResult:
+        # dockerd learns layer sizes one by one while pulling: no total to announce up front.
         with self._node_lock(exclusive=False, wait=True):
             return self._sync(job, progress)
 

@@ -17,7 +17,10 @@ class Engine(Protocol):
 
     name: str
 
-    def sync(self, job: SyncJob, progress: ProgressFn) -> SyncResult: ...
+    def sync(self, job: SyncJob, progress: ProgressFn, *, expect: ProgressFn | None = None) -> SyncResult:
+        """``progress`` gets bytes as they move; ``expect`` (when given) the bytes the image will
+        move once its manifests are known, less whatever turns out to be there already."""
+        ...
 
     def close(self) -> None: ...
 

@@ -101,7 +101,7 @@ class RegistryEngine:
                                 range_parallel=o.range_parallel, range_threshold=o.range_threshold)
         self._executor = ThreadPoolExecutor(max_workers=o.blob_concurrency, thread_name_prefix="ferry-blob")
 
-    def sync(self, job: SyncJob, progress: ProgressFn) -> SyncResult:
+    def sync(self, job: SyncJob, progress: ProgressFn, *, expect: ProgressFn | None = None) -> SyncResult:
         started = time.time()
         t0 = time.monotonic()
         result = SyncResult(batch_id=job.batch_id, source=job.source, status="failed", engine=self.name,
@@ -114,7 +114,7 @@ class RegistryEngine:
             return result.model_copy(update={"error": str(exc), "error_code": "INVALID_REFERENCE",
                                              "duration_s": time.monotonic() - t0})
         try:
-            outcome = self._copy_via_mirrors(src, dsts, platforms, progress)
+            outcome = self._copy_via_mirrors(src, dsts, platforms, progress, expect)
         except RegistryError as exc:
             exc.with_reference(src)
             log.debug("sync of %s failed: %s", src, exc)  # the task layer logs the outcome once
@@ -129,14 +129,14 @@ class RegistryEngine:
         return [*(src.with_name(m, src.repository) for m in mirrors), src]
 
     def _copy_via_mirrors(self, src: Reference, dsts: list[Reference], platforms: list[Platform],
-                          progress: ProgressFn) -> CopyOutcome:
+                          progress: ProgressFn, expect: ProgressFn | None) -> CopyOutcome:
         candidates = self.sources(src)
         merged: CopyOutcome | None = None
         pending = dsts
         for i, source in enumerate(candidates):
             last = i == len(candidates) - 1
             try:
-                outcome = self._copy(source, pending, platforms, progress)
+                outcome = self._copy(source, pending, platforms, progress, expect)
             except RegistryError as exc:
                 if last:
                     raise
@@ -154,9 +154,9 @@ class RegistryEngine:
         raise AssertionError("unreachable")
 
     def _copy(self, src: Reference, dsts: list[Reference], platforms: list[Platform],
-              progress: ProgressFn) -> CopyOutcome:
+              progress: ProgressFn, expect: ProgressFn | None) -> CopyOutcome:
         return copy_image(self.transport, self.blobs, self._executor, src, dsts,
-                          platforms=platforms, progress=progress,
+                          platforms=platforms, progress=progress, expect=expect,
                           cache_single_target=self.options.cache_single_target)
 
     def _finish(self, result: SyncResult, outcome: CopyOutcome, src: Reference, t0: float) -> SyncResult:
