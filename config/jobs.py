@@ -59,6 +59,9 @@ class SyncResult(BaseModel):
     temporary: bool = False
     warnings: list[str] = Field(default_factory=list)
     line: int = 0
+    # Runs this task took (Celery retries included), and when the first of them started.
+    attempts: int = 1
+    first_started_at: float = 0.0
     # Images the docker engine left in its daemon; the chained cleanup removes them.
     local_refs: list[str] = Field(default_factory=list)
     cleanup_task_id: str | None = None
@@ -66,6 +69,27 @@ class SyncResult(BaseModel):
     @property
     def bytes_transferred(self) -> int:
         return sum(d.bytes_transferred for d in self.destinations)
+
+    @property
+    def ended_at(self) -> float:
+        return self.started_at + self.duration_s
+
+    @property
+    def active_since(self) -> float:
+        """When work on this image began: its first run, Celery's retry pauses included."""
+        return self.first_started_at or self.started_at
+
+
+class TaskState(BaseModel):
+    """Where an unfinished sync task stands: running on a node, or waiting to run again."""
+
+    phase: Literal["running", "retrying"]
+    node: str = ""
+    # The run under way or, while retrying, the next one (1-based), of at most ``attempts``.
+    attempt: int = 1
+    attempts: int = 1
+    retry_at: float | None = None
+    reason: str | None = None
 
 
 class CleanupResult(BaseModel):
@@ -81,6 +105,14 @@ class CleanupResult(BaseModel):
     errors: list[str] = Field(default_factory=list)
 
 
+class RetryRound(BaseModel):
+    """One ``producer retry``: failed images sent again under new task ids."""
+
+    started_at: float
+    # New task id -> the failed task id it replaces (whose result moves to the batch's history).
+    replaced: dict[str, str]
+
+
 class BatchMeta(BaseModel):
     """Written by the producer before enqueueing; lets any machine report on a batch."""
 
@@ -89,4 +121,15 @@ class BatchMeta(BaseModel):
     list_file: str
     targets: list[str]
     jobs: list[SyncJob]
+    # The current task of each job (same order); ``rounds`` say which replaced a failed one.
     task_ids: list[str]
+    rounds: list[RetryRound] = Field(default_factory=list)
+
+    def earlier_tasks(self, task_id: str) -> list[str]:
+        """The failed tasks ``task_id`` was retried for, latest first."""
+        chain: list[str] = []
+        for rnd in reversed(self.rounds):
+            if task_id in rnd.replaced:
+                task_id = rnd.replaced[task_id]
+                chain.append(task_id)
+        return chain
