@@ -18,6 +18,8 @@ from workers.upkeep import make_upkeep_step
 
 USAGE_ERROR = 2
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Flower's task list: what ran (name, args), how it ended (result or exception), where and when.
+FLOWER_COLUMNS = "name,state,args,result,exception,retries,received,runtime,worker,uuid"
 
 
 def _fail(msg: str) -> int:
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     if settings.broker_url is None:
         return _fail("FERRY_BROKER_URL is not set (e.g. redis://:password@redis-host:6379/0)")
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.loglevel.upper() != "DEBUG":
+        # httpx logs every request at INFO: thousands of lines that bury the outcomes.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     app = configure(settings)
     runtime.configure(settings)
     if args.command == "flower":
@@ -90,7 +95,7 @@ def _flower(app: Any, args: argparse.Namespace) -> int:
     loopback = args.address in ("localhost",) or _is_loopback_ip(args.address)
     if not loopback and not args.basic_auth:
         return _fail("Flower on a non-loopback address needs --basic-auth user:password (FERRY_FLOWER_BASIC_AUTH)")
-    argv = ["flower", f"--address={args.address}", f"--port={args.port}"]
+    argv = ["flower", f"--address={args.address}", f"--port={args.port}", f"--tasks_columns={FLOWER_COLUMNS}"]
     if args.basic_auth:
         argv.append(f"--basic-auth={args.basic_auth}")
     app.start(argv)
