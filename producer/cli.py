@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,12 +17,14 @@ import redis
 from pydantic import SecretStr, ValidationError
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
+from config import describe
 from config.reference import ReferenceError
 from config.settings import FerrySettings, describe_validation_error
 from producer.listfile import ListFileError, parse_list
 from producer.mapping import Target, map_destinations
-from producer.report import as_json, render, summarize
+from producer.report import Summary, as_json, render, summarize
 
 if TYPE_CHECKING:  # imported lazily at run time, so bad input is reported before Celery loads
     from celery import Celery
@@ -161,18 +164,28 @@ def _safe_url(url: str) -> str:
     return f"{p.scheme}://{host}" + (f":{p.port}" if p.port else "")
 
 
-def _wait_and_report(store: BatchStore, meta: BatchMeta, args: argparse.Namespace, out: Console, err: Console) -> int:
-    import time
-
+def _wait_and_report(store: BatchStore, meta: BatchMeta, args: argparse.Namespace, out: Console, err: Console,
+                     task_ids: list[str] | None = None, title: str | None = None) -> int:
+    """Watch ``task_ids`` (default: the whole batch) and sum up their own bytes, time and rate."""
     from producer.progress import wait_for_batch
 
+    watch = task_ids or meta.task_ids
     started = time.monotonic()
-    snap = wait_for_batch(store, meta, err, timeout=args.timeout)
-    summary = summarize(snap, elapsed=time.monotonic() - started)
-    render(out, snap, summary)
+    snap = wait_for_batch(store, meta, err, task_ids=watch, timeout=args.timeout)
+    summary = summarize(snap, task_ids=watch, elapsed=time.monotonic() - started)
+    render(out, snap, summary, title=title)
+    if task_ids is not None:
+        whole = summarize(snap)
+        out.print(f"batch {meta.batch_id} now: {_counts(whole)}", highlight=False, soft_wrap=True)
     if args.json:
         _write_json(args.json, as_json(snap, summary))
     return summary.exit_code
+
+
+def _counts(s: Summary) -> str:
+    parts = [f"{s.synced} synced", f"{s.up_to_date} up to date", f"{s.failed} failed"]
+    parts += [f"{s.pending} unfinished"] if s.pending else []
+    return ", ".join(parts) + f" of {s.total}"
 
 
 def _write_json(dest: str, doc: dict[str, Any]) -> None:
@@ -202,17 +215,43 @@ def cmd_status(args: argparse.Namespace, settings: FerrySettings, out: Console, 
     _, store, snap = _snapshot(settings, args.batch)
     store.close()
     summary = summarize(snap)
-    running = {t: s for t, s in snap.states.items() if t not in snap.results}
-    doc = {"batch_id": args.batch, "total": summary.total, "done": len(snap.results), "synced": summary.synced,
-           "up_to_date": summary.up_to_date, "failed": summary.failed, "running": len(running),
-           "bytes_moved": sum(snap.progress.values())}
+    meta = snap.meta
+    jobs = dict(zip(meta.task_ids, meta.jobs, strict=True))
+    unfinished = [t for t in meta.task_ids if t not in snap.results]
+    running = [t for t in unfinished if t in snap.states and snap.states[t].phase == "running"]
+    retrying = [t for t in unfinished if t in snap.states and snap.states[t].phase == "retrying"]
+    queued = len(unfinished) - len(running) - len(retrying)
+    moved = summary.bytes + sum(snap.progress.get(t, 0) for t in unfinished)
     if args.json:
-        _write_json(args.json, doc)
-    else:
-        out.print("  ".join(f"{k}={v}" for k, v in doc.items()))
-        jobs = dict(zip(snap.meta.task_ids, snap.meta.jobs, strict=True))
-        for t, state in running.items():
-            out.print(f"  {escape(jobs[t].source)}: {escape(state)}", soft_wrap=True)
+        _write_json(args.json, {
+            "batch_id": meta.batch_id, "total": summary.total, "done": summary.total - summary.pending,
+            "synced": summary.synced, "up_to_date": summary.up_to_date, "failed": summary.failed,
+            "running": len(running), "retrying": len(retrying),
+            "queued": queued, "bytes_moved": moved,
+            "failed_images": [{"line": r.line, "source": r.source, "error": r.error} for r in summary.failures],
+            "retrying_images": [{"line": jobs[t].line, "source": jobs[t].source, **snap.states[t].model_dump()}
+                                for t in retrying],
+        })
+        return _status_code(snap, summary)
+    head = (f"batch [bold]{meta.batch_id}[/] ({escape(Path(meta.list_file).name)}, enqueued "
+            f"{describe.date_time(meta.created_at)}): {summary.total - summary.pending} of {summary.total} done")
+    parts = [f"{summary.synced} synced", f"{summary.up_to_date} up to date", f"{summary.failed} failed"]
+    parts += [f"{len(running)} running"] if running else []
+    parts += [f"{len(retrying)} retrying"] if retrying else []
+    parts += [f"{queued} queued"] if queued else []
+    out.print(head + " · " + " · ".join(parts) + f" · {describe.human_bytes(moved)} moved", soft_wrap=True)
+    now = time.time()
+    for t in running:
+        out.print("  " + escape(describe.running_line(jobs[t].line, jobs[t].source, snap.states[t])), soft_wrap=True)
+    for t in retrying:
+        line = describe.retry_line(jobs[t].line, jobs[t].source, snap.states[t], now, at=True)
+        out.print("  [yellow]" + escape(line) + "[/]", soft_wrap=True, highlight=False)
+    for r in summary.failures:
+        out.print("  [red]" + escape(describe.failure_line(r)) + "[/]", soft_wrap=True, highlight=False)
+    return _status_code(snap, summary)
+
+
+def _status_code(snap: BatchSnapshot, summary: Summary) -> int:
     return 0 if snap.done and summary.failed == 0 else 1
 
 
@@ -228,21 +267,31 @@ def cmd_report(args: argparse.Namespace, settings: FerrySettings, out: Console, 
 
 
 def cmd_retry(args: argparse.Namespace, settings: FerrySettings, out: Console, err: Console) -> int:
-    from producer.enqueue import publish
+    """Send the failed images again under new task ids: the failed attempts stay in Flower's history
+    and in the batch's, and the new run's figures are its own."""
+    from config.jobs import RetryRound
+    from producer.enqueue import publish, task_id_for
 
     app, store, snap = _snapshot(settings, args.batch)
     try:
-        failed = [(t, j) for t, j in zip(snap.meta.task_ids, snap.meta.jobs, strict=True)
-                  if t in snap.results and snap.results[t].status == "failed"]
+        meta = snap.meta
+        failed = [i for i, t in enumerate(meta.task_ids) if t in snap.results and snap.results[t].status == "failed"]
         if not failed:
             err.print(f"batch {args.batch}: no failed images to retry")
             return 0
-        store.reset_outcomes(args.batch, [t for t, _ in failed])
-        publish(app, failed)
+        number = len(meta.rounds) + 1
+        ids = list(meta.task_ids)
+        for i in failed:
+            ids[i] = task_id_for(meta.batch_id, meta.jobs[i], retry=number)
+        round_ = RetryRound(started_at=time.time(), replaced={ids[i]: meta.task_ids[i] for i in failed})
+        new_meta = meta.model_copy(update={"task_ids": ids, "rounds": [*meta.rounds, round_]})
+        store.start_round(new_meta, [snap.results[meta.task_ids[i]] for i in failed])
+        publish(app, [(ids[i], meta.jobs[i]) for i in failed])
         err.print(f"batch [bold]{args.batch}[/]: {len(failed)} failed image(s) enqueued again")
         if not args.wait:
             return 0
-        return _wait_and_report(store, snap.meta, args, out, err)
+        return _wait_and_report(store, new_meta, args, out, err, task_ids=[ids[i] for i in failed],
+                                title=f"batch {args.batch}: retry of {len(failed)} image(s)")
     finally:
         store.close()
 
@@ -250,11 +299,35 @@ def cmd_retry(args: argparse.Namespace, settings: FerrySettings, out: Console, e
 def cmd_batches(args: argparse.Namespace, settings: FerrySettings, out: Console, err: Console) -> int:
     _, store = _connect(_require_broker(settings))
     try:
-        for b in store.recent():
-            out.print(b)
+        table = Table(show_header=True, header_style="bold", box=None)
+        table.add_column("batch", no_wrap=True)
+        table.add_column("started", no_wrap=True)
+        table.add_column("list", overflow="fold")
+        table.add_column("images", justify="right")
+        table.add_column("outcome")
+        for batch_id in store.recent():
+            snap = store.snapshot(batch_id)
+            if snap is None:  # its records expired; the index entry outlives them
+                continue
+            s = summarize(snap)
+            table.add_row(batch_id, describe.date_time(snap.meta.created_at), escape(Path(snap.meta.list_file).name),
+                          str(s.total), _outcome(snap, s))
     finally:
         store.close()
+    out.print(table)
     return 0
+
+
+def _outcome(snap: BatchSnapshot, s: Summary) -> str:
+    if s.pending:
+        text = f"[yellow]running[/]: {s.total - s.pending} of {s.total} done"
+        text += f", [red]{s.failed} failed[/]" if s.failed else ""
+    else:
+        parts = [f"{n} {what}" for n, what in ((s.synced, "synced"), (s.up_to_date, "up to date")) if n]
+        parts += [f"[red]{s.failed} failed[/]"] if s.failed else []
+        text = ("[red]failed[/]: " if s.failed else "[green]ok[/]: ") + ", ".join(parts)
+    rounds = len(snap.meta.rounds)
+    return text + (f" (retried {describe.times(rounds)})" if rounds else "")
 
 
 COMMANDS = {"enqueue": cmd_enqueue, "status": cmd_status, "report": cmd_report, "retry": cmd_retry,

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from celery import Celery
 
+from config import describe
 from config.jobs import BatchMeta, SyncJob
 from config.settings import EngineName
 from producer.mapping import Mapped
@@ -21,10 +22,11 @@ def new_batch_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
-def task_id_for(batch_id: str, job: SyncJob) -> str:
-    """Deterministic per (batch, source, destinations, platforms): enqueueing twice is harmless."""
+def task_id_for(batch_id: str, job: SyncJob, retry: int = 0) -> str:
+    """Deterministic per (batch, source, destinations, platforms) and ``producer retry`` round:
+    enqueueing twice is harmless, and a retry runs under an id of its own."""
     key = "|".join([batch_id, job.source, ",".join(job.destinations), ",".join(job.platforms)])
-    return str(uuid.uuid5(_TASK_NS, key))
+    return str(uuid.uuid5(_TASK_NS, key + (f"|retry{retry}" if retry else "")))
 
 
 def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: EngineName) -> list[SyncJob]:
@@ -56,15 +58,16 @@ def enqueue(app: Celery, store: BatchStore, batch_id: str, list_file: str, targe
 
 
 def publish(app: Celery, tasks: list[tuple[str, SyncJob]]) -> None:
-    with app.producer_or_acquire() as producer:
+    """Send the tasks, each followed by the "task-sent" event Flower lists queued tasks from.
+
+    Celery's own sent event names the registered task (``ferry.sync_image``) and may reach Flower
+    after the worker's events, renaming the task there; this one carries the name people read.
+    """
+    with app.producer_or_acquire() as producer, app.events.default_dispatcher() as events:
         for task_id, job in tasks:
-            app.send_task(
-                SYNC_TASK,
-                args=[job.model_dump(mode="json")],
-                task_id=task_id,
-                queue=SYNC_QUEUE,
-                producer=producer,
-                # Flower shows this instead of the raw payload.
-                argsrepr=f"[{job.source} -> {', '.join(job.destinations)}]",
-                shadow=f"sync {job.source}",
-            )
+            name, args = describe.sync_task_name(job.source), describe.sync_task_args(job)
+            app.send_task(SYNC_TASK, args=[job.model_dump(mode="json")], task_id=task_id, queue=SYNC_QUEUE,
+                          producer=producer, argsrepr=args, shadow=name)
+            events.send("task-sent", uuid=task_id, root_id=task_id, parent_id=None, name=name, args=args,
+                        kwargs="{}", retries=0, eta=None, expires=None, queue=SYNC_QUEUE, exchange="",
+                        routing_key=SYNC_QUEUE)

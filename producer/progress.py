@@ -1,55 +1,137 @@
-"""Live progress of a batch: images done/total, bytes, rate, ETA, failures as they happen."""
+"""Live progress of a batch: images done/total, bytes moved of bytes expected, rate, ETA, and
+failures and retries as they happen."""
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import redis
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn
 
-from config.jobs import BatchMeta
-from producer.report import human_bytes
-from workers.batches import BatchSnapshot, BatchStore
+from config import describe
+from config.jobs import BatchMeta, SyncResult
+from workers.batches import BatchSnapshot, BatchStore, Tally
+
+# Rate over the last few seconds: steady enough to read, quick to follow a change.
+RATE_WINDOW = 5.0
 
 
-def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, poll: float = 0.05,
-                   timeout: float | None = None) -> BatchSnapshot:
-    """Poll the batch until every task has a final result (or ``timeout`` passes)."""
+@dataclass(frozen=True)
+class Volume:
+    """Bytes of the watched images: moved so far, and in all (None until a manifest is known)."""
+
+    moved: int
+    total: int | None
+    # Some images are not planned yet: their share of ``total`` is the planned images' average.
+    estimated: bool
+
+    def text(self) -> str:
+        moved = describe.human_bytes(self.moved)
+        if self.total is None:
+            return moved
+        return f"{moved} / {'~' if self.estimated else ''}{describe.human_bytes(self.total)}"
+
+
+def volume(watch: list[str], results: Mapping[str, SyncResult], tally: Tally) -> Volume:
+    moved, known, unknown = 0, [], 0
+    for t in watch:
+        r = results.get(t)
+        if r is not None:
+            moved += r.bytes_transferred
+            known.append(r.bytes_transferred)
+        elif t in tally.expected:
+            moved += tally.moved.get(t, 0)
+            known.append(max(tally.expected[t], tally.moved.get(t, 0)))
+        else:
+            moved += tally.moved.get(t, 0)
+            unknown += 1
+    if not sum(known):  # nothing planned that moves bytes yet: no byte total to speak of
+        return Volume(moved, None, False)
+    total = sum(known) + round(sum(known) / len(known) * unknown)
+    return Volume(moved, max(total, moved), unknown > 0)
+
+
+class Meter:
+    """Rate over a sliding window, and the time left: by bytes once a byte total is known,
+    else by images."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def rate(self, now: float, moved: int) -> float:
+        self.samples.append((now, moved))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= RATE_WINDOW:
+            self.samples.popleft()
+        t0, m0 = self.samples[0]
+        return (moved - m0) / (now - t0) if now - t0 >= 0.5 else 0.0
+
+    def eta(self, now: float, vol: Volume, rate: float, done: int, total: int) -> float | None:
+        if done >= total:
+            return 0.0
+        if vol.total is not None and rate > 0:
+            return max(0.0, vol.total - vol.moved) / rate
+        if done:
+            return (now - self.started) / done * (total - done)
+        return None
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-:--:--"
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task_ids: list[str] | None = None,
+                   poll: float = 0.05, timeout: float | None = None) -> BatchSnapshot:
+    """Poll until every watched task (default: the batch's) has a final result, or ``timeout`` passes."""
+    watch = list(task_ids or meta.task_ids)
+    lines = {t: j.line for t, j in zip(meta.task_ids, meta.jobs, strict=True)}
+    sources = {t: j.source for t, j in zip(meta.task_ids, meta.jobs, strict=True)}
     started = time.monotonic()
-    seen_failures: set[str] = set()
-    last_bytes, last_t, rate = 0, started, 0.0
-    columns = (
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[bytes]}"), TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[failed]}"),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-    )
+    meter = Meter(started)
+    told: set[tuple[str, int]] = set()  # failures (attempt 0) and retries already printed
+    columns = (TextColumn("[bold]images"), BarColumn(), TextColumn("{task.fields[figures]}"))
     with Progress(*columns, console=console, transient=False, refresh_per_second=4,
                   disable=not console.is_terminal) as bar:
-        task = bar.add_task("images", total=len(meta.task_ids), bytes="0 B", rate="", failed="")
+        task = bar.add_task("images", total=1.0, figures="")
         snap: BatchSnapshot | None = None
         seen_count = -1
         while True:
             tally = _tally(store, meta)
-            if tally is not None:
-                count, moved = tally
-                if count != seen_count:  # read every result only when a new one arrived
-                    snap = _snapshot(store, meta)
-                    seen_count = count if snap is not None else -1
+            if tally is not None and tally.results != seen_count:  # read results only when one arrived
+                snap = _snapshot(store, meta)
+                seen_count = tally.results if snap is not None else -1
+            if tally is not None and snap is not None:
                 now = time.monotonic()
-                if now - last_t >= 1.0:
-                    rate = (moved - last_bytes) / (now - last_t)
-                    last_bytes, last_t = moved, now
-                failed = [r for r in snap.results.values() if r.status == "failed"] if snap else []
-                for r in failed:
-                    if r.task_id not in seen_failures:
-                        seen_failures.add(r.task_id)
-                        console.print(f"[red]failed[/] line {r.line}: {escape(r.source)}: {escape(str(r.error))}",
-                                      highlight=False, soft_wrap=True)
-                bar.update(task, completed=count, bytes=human_bytes(moved),
-                           rate=f"{human_bytes(rate)}/s", failed=f"{len(failed)} failed" if failed else "")
-                if snap is not None and snap.done:
+                results = {t: snap.results[t] for t in watch if t in snap.results}
+                for t, r in results.items():
+                    if r.status == "failed" and (t, 0) not in told:
+                        told.add((t, 0))
+                        _say(console, "red", describe.failure_line(r))
+                retrying = {t: s for t, s in tally.states.items() if t in lines and t not in results
+                            and s.phase == "retrying"}
+                for t, s in retrying.items():
+                    if (t, s.attempt) not in told:
+                        told.add((t, s.attempt))
+                        _say(console, "yellow", describe.retry_line(lines[t], sources[t], s, time.time()))
+                vol = volume(watch, results, tally)
+                rate = meter.rate(now, vol.moved)
+                done, failed = len(results), sum(r.status == "failed" for r in results.values())
+                figures = [f"{done}/{len(watch)}", vol.text(), f"{describe.human_bytes(rate)}/s"]
+                figures += [f"[red]{failed} failed[/]"] if failed else []
+                figures += [f"[yellow]{len(retrying)} retrying[/]"] if retrying else []
+                figures += [_clock(now - started), f"eta {_clock(meter.eta(now, vol, rate, done, len(watch)))}"]
+                share = vol.moved / vol.total if vol.total else done / len(watch)
+                bar.update(task, completed=min(1.0, share) if done < len(watch) else 1.0,
+                           figures="  ".join(figures))
+                if snap.done_among(watch):
                     return snap
             if timeout is not None and time.monotonic() - started > timeout:
                 if snap is None:
@@ -58,7 +140,12 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, poll
             time.sleep(poll)
 
 
-def _tally(store: BatchStore, meta: BatchMeta) -> tuple[int, int] | None:
+def _say(console: Console, colour: str, text: str) -> None:
+    verb, _, rest = text.partition(" ")
+    console.print(f"[{colour}]{verb}[/] {escape(rest)}", highlight=False, soft_wrap=True)
+
+
+def _tally(store: BatchStore, meta: BatchMeta) -> Tally | None:
     try:
         return store.tally(meta.batch_id)
     except redis.RedisError:

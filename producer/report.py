@@ -1,4 +1,9 @@
-"""Summaries of a batch: counts, failures with reasons, bytes, time — as a table or JSON."""
+"""Summaries of a batch: counts, failures with reasons, bytes, time and rate — as a table or JSON.
+
+Two views: what one command watched (``enqueue --wait``, ``retry --wait``: only that run's own
+images, bytes and seconds), and the whole batch (``report``: every image, with the time work was
+under way apart from the wall time since it was enqueued).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from config import describe
+from config.jobs import SyncResult
 from workers.batches import BatchSnapshot
 
 OK, FAILED = 0, 1
@@ -22,8 +29,11 @@ class Summary:
     failed: int = 0
     pending: int = 0
     bytes: int = 0
+    # Seconds of work the figures cover: the command's own wait, or the batch's active time.
     elapsed: float = 0.0
-    failures: list[tuple[int, str, str]] = field(default_factory=list)  # (line, source, reason)
+    # The whole batch only: since it was enqueued, idle gaps (before a retry) included.
+    wall: float | None = None
+    failures: list[SyncResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     freed_bytes: int = 0
 
@@ -31,10 +41,17 @@ class Summary:
     def exit_code(self) -> int:
         return OK if self.failed == 0 and self.pending == 0 else FAILED
 
+    @property
+    def rate(self) -> float:
+        return self.bytes / self.elapsed if self.elapsed > 0 else 0.0
 
-def summarize(snap: BatchSnapshot, elapsed: float | None = None) -> Summary:
-    s = Summary(total=len(snap.meta.task_ids))
-    for tid in snap.meta.task_ids:
+
+def summarize(snap: BatchSnapshot, task_ids: list[str] | None = None, elapsed: float | None = None) -> Summary:
+    """The watched tasks (``task_ids``, over ``elapsed`` seconds), or with neither the whole batch."""
+    whole = task_ids is None and elapsed is None
+    ids = snap.meta.task_ids if task_ids is None else task_ids
+    s = Summary(total=len(ids))
+    for tid in ids:
         r = snap.results.get(tid)
         if r is None:
             s.pending += 1
@@ -46,26 +63,41 @@ def summarize(snap: BatchSnapshot, elapsed: float | None = None) -> Summary:
             s.up_to_date += 1
         else:
             s.failed += 1
-            s.failures.append((r.line, r.source, r.error or "unknown error"))
+            s.failures.append(r)
         s.warnings += [f"{r.source}: {w}" for w in r.warnings]
     s.freed_bytes = sum(c.freed_bytes for c in snap.cleanups.values())
-    if elapsed is None:
-        ends = [r.started_at + r.duration_s for r in snap.results.values()]
-        elapsed = (max(ends) - snap.meta.created_at) if ends else 0.0
-    s.elapsed = elapsed
+    if whole:
+        done = [*snap.results.values(), *snap.history.values()]
+        s.bytes += sum(r.bytes_transferred for r in snap.history.values())
+        s.elapsed = active_seconds(done)
+        s.wall = max((r.ended_at for r in done), default=snap.meta.created_at) - snap.meta.created_at
+    else:
+        s.elapsed = elapsed or 0.0
     return s
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+def active_seconds(results: list[SyncResult]) -> float:
+    """How long some image of these was being worked on: the union of their spans."""
+    spans = sorted((r.active_since, r.ended_at) for r in results)
+    total, cur_start, cur_end = 0.0, None, 0.0
+    for start, end in spans:
+        if cur_start is None or start > cur_end:
+            total += (cur_end - cur_start) if cur_start is not None else 0.0
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    return total + ((cur_end - cur_start) if cur_start is not None else 0.0)
 
 
-def render(console: Console, snap: BatchSnapshot, summary: Summary, *, details: bool = False) -> None:
-    table = Table(title=f"batch {snap.meta.batch_id}", show_header=True, header_style="bold")
+def retried(snap: BatchSnapshot, task_id: str) -> int:
+    """How often ``producer retry`` sent this line again."""
+    return len(snap.meta.earlier_tasks(task_id))
+
+
+def render(console: Console, snap: BatchSnapshot, summary: Summary, *, details: bool = False,
+           title: str | None = None) -> None:
+    console.print(f"[bold]{escape(title or f'batch {snap.meta.batch_id}')}[/]", highlight=False, soft_wrap=True)
+    table = Table(show_header=True, header_style="bold")
     table.add_column("result")
     table.add_column("images", justify="right")
     table.add_row("[green]synced[/]", str(summary.synced))
@@ -73,41 +105,73 @@ def render(console: Console, snap: BatchSnapshot, summary: Summary, *, details: 
     table.add_row("[red]failed[/]", str(summary.failed))
     if summary.pending:
         table.add_row("[yellow]not finished[/]", str(summary.pending))
-    table.add_row("bytes transferred", human_bytes(summary.bytes))
-    table.add_row("time", f"{summary.elapsed:.1f} s")
+    table.add_row("bytes transferred", describe.human_bytes(summary.bytes))
+    if summary.wall is None:
+        table.add_row("time", describe.human_seconds(summary.elapsed))
+    else:
+        table.add_row("active time", describe.human_seconds(summary.elapsed))
+        table.add_row("wall time", describe.human_seconds(summary.wall))
+    table.add_row("average rate", describe.human_rate(summary.bytes, summary.elapsed))
     if summary.freed_bytes:
-        table.add_row("freed by cleanup", human_bytes(summary.freed_bytes))
+        table.add_row("freed by cleanup", describe.human_bytes(summary.freed_bytes))
     console.print(table)
     if details:
-        per = Table(show_header=True, header_style="bold")
-        for col in ("line", "source", "status", "destinations", "node", "bytes"):
-            per.add_column(col)
-        for tid, job in zip(snap.meta.task_ids, snap.meta.jobs, strict=True):
-            r = snap.results.get(tid)
-            status = r.status if r else snap.states.get(tid, "queued")
-            per.add_row(str(job.line), escape(job.source), escape(status), escape("\n".join(job.destinations)),
-                        r.node if r else "", human_bytes(r.bytes_transferred) if r else "")
-        console.print(per)
-    for line, source, reason in summary.failures:
-        console.print(f"[red]FAILED[/] line {line}: {escape(source)}: {escape(reason)}", highlight=False,
-                      soft_wrap=True)
+        console.print(_per_image(snap))
+    for r in summary.failures:
+        verb, _, rest = describe.failure_line(r).partition(" ")
+        console.print(f"[red]{verb.upper()}[/] {escape(rest)}", highlight=False, soft_wrap=True)
     for w in summary.warnings:
         console.print(f"[yellow]warning[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
+def _per_image(snap: BatchSnapshot) -> Table:
+    per = Table(show_header=True, header_style="bold")
+    for col in ("line", "source", "status", "destinations", "node", "bytes", "retried"):
+        # References are long and have no spaces: fold them rather than cut them.
+        per.add_column(col, justify="right" if col in ("line", "bytes") else "left", overflow="fold")
+    for tid, job in zip(snap.meta.task_ids, snap.meta.jobs, strict=True):
+        r = snap.results.get(tid)
+        if r is not None:
+            status = r.status.replace("_", " ")
+        elif (state := snap.states.get(tid)) is not None:
+            status = f"{state.phase} ({state.attempt}/{state.attempts})" if state.attempt > 1 else state.phase
+        else:
+            status = "queued"
+        again = retried(snap, tid)
+        per.add_row(str(job.line), escape(job.source), escape(status), escape("\n".join(job.destinations)),
+                    escape(r.node) if r else "", describe.human_bytes(r.bytes_transferred) if r else "",
+                    describe.times(again) if again else "")
+    return per
+
+
 def as_json(snap: BatchSnapshot, summary: Summary) -> dict[str, Any]:
-    return {
+    doc: dict[str, Any] = {
         "batch_id": snap.meta.batch_id,
         "summary": {
             "total": summary.total, "synced": summary.synced, "up_to_date": summary.up_to_date,
             "failed": summary.failed, "pending": summary.pending, "bytes": summary.bytes,
-            "elapsed_s": round(summary.elapsed, 3), "freed_bytes": summary.freed_bytes,
+            "elapsed_s": round(summary.elapsed, 3), "rate_bytes_per_s": round(summary.rate),
+            "freed_bytes": summary.freed_bytes,
         },
-        "images": [
-            snap.results[t].model_dump(mode="json") if t in snap.results
-            else {"source": j.source, "destinations": j.destinations, "status": "pending",
-                  "state": snap.states.get(t, "queued"), "line": j.line}
-            for t, j in zip(snap.meta.task_ids, snap.meta.jobs, strict=True)
-        ],
+        "images": [_image_json(snap, t, j.source, j.destinations, j.line)
+                   for t, j in zip(snap.meta.task_ids, snap.meta.jobs, strict=True)],
         "cleanups": [c.model_dump(mode="json") for c in snap.cleanups.values()],
     }
+    if summary.wall is not None:
+        doc["summary"]["wall_s"] = round(summary.wall, 3)
+    return doc
+
+
+def _image_json(snap: BatchSnapshot, tid: str, source: str, destinations: list[str], line: int) -> dict[str, Any]:
+    r = snap.results.get(tid)
+    if r is not None:
+        doc = r.model_dump(mode="json")
+    else:
+        state = snap.states.get(tid)
+        doc = {"source": source, "destinations": destinations, "status": "pending", "line": line,
+               "state": state.model_dump(mode="json") if state else {"phase": "queued"}}
+    earlier = snap.meta.earlier_tasks(tid)
+    doc["retried"] = len(earlier)
+    if earlier:
+        doc["earlier"] = [snap.history[t].model_dump(mode="json") for t in earlier if t in snap.history]
+    return doc

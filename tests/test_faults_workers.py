@@ -69,9 +69,15 @@ def in_flight(proxy: FaultProxy, imgs: dict[str, Image]) -> bool:
 
 
 def holder(c: Cluster, batch: str, task: str) -> str:
-    state = c.hash(batch, "state")[task]
-    assert state.startswith("started on "), state
-    return state.removeprefix("started on ").split(" ")[0]
+    state = json.loads(c.hash(batch, "state")[task])
+    assert state["phase"] == "running", state
+    return str(state["node"])
+
+
+def running_on(c: Cluster, batch: str, task: str, node: str) -> bool:
+    raw = c.hash(batch, "state").get(task)
+    state = json.loads(raw) if raw else {}
+    return state.get("phase") == "running" and state.get("node") == node
 
 
 def test_worker_killed_mid_blob_is_redelivered_to_another(
@@ -93,8 +99,7 @@ def test_worker_killed_mid_blob_is_redelivered_to_another(
     c.worker(victim).kill()  # the whole process group: main process and pool children
     killed_at = time.monotonic()
     survivor = next(w.node for w in c.workers if w.node != victim)
-    wait_until(lambda: c.hash(batch, "state").get(big, "").startswith(f"started on {survivor}")
-               or big in c.hash(batch, "results"), 90, "redelivery")
+    wait_until(lambda: running_on(c, batch, big, survivor) or big in c.hash(batch, "results"), 90, "redelivery")
     redelivered = time.monotonic() - killed_at
     print(f"\nredelivery after SIGKILL of the whole worker: {redelivered:.1f} s (visibility timeout 10 s)")
 

@@ -62,7 +62,9 @@ def celery_config(settings: FerrySettings) -> dict[str, Any]:
         "task_default_queue": SYNC_QUEUE,
         "task_create_missing_queues": True,
         "task_track_started": True,
-        "task_send_sent_event": True,
+        # Off: Celery's sent event names the registered task, not what Flower should show (see
+        # producer.enqueue.publish, which sends its own). Tasks a worker sends show once received.
+        "task_send_sent_event": False,
         "worker_send_task_events": True,
         "worker_hijack_root_logger": False,
         "broker_heartbeat": 0,

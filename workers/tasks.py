@@ -11,7 +11,8 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Retry
 
-from config.jobs import SyncJob, SyncResult
+from config import describe
+from config.jobs import SyncJob, SyncResult, TaskState
 from workers import runtime
 from workers.app import CLEANUP_TASK, SYNC_TASK, app, node_queue
 from workers.batches import BatchStore
@@ -20,34 +21,58 @@ log = logging.getLogger("ferry.tasks")
 
 
 class ImageSyncFailed(Exception):
-    """Marks the Celery task FAILED so Flower shows a failed image as a failure."""
+    """An image that failed for a reason a person can act on (not found, denied, corrupt content,
+    a registry that stayed down): the task ends FAILED with that reason as its exception text."""
+
+    def __repr__(self) -> str:  # Celery's log line and Flower's exception field show repr()
+        return str(self)
+
+
+class SyncTask(Task):  # type: ignore[misc]
+    # Expected failures: Celery logs them as one INFO line, without a traceback.
+    throws = (ImageSyncFailed,)
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        if isinstance(exc, ImageSyncFailed):
+            # Flower's failed event and the stored result get the reason, not this module's frames:
+            # the same einfo goes on to the worker's main process, which sends the event.
+            einfo.traceback = None
+            self.backend.mark_as_failure(task_id, exc, traceback=None, request=self.request, call_errbacks=False)
 
 
 class _Progress:
-    """Counts bytes moved and publishes the total at most a few times a second."""
+    """Counts bytes moved (and expected) and publishes them at most a few times a second."""
 
     def __init__(self, store: BatchStore, batch_id: str, task_id: str, every: float = 0.3) -> None:
         self.store, self.batch_id, self.task_id, self.every = store, batch_id, task_id, every
         self.total = 0
+        self.expected: int | None = None
         self._sent_at = 0.0
         self._lock = threading.Lock()
 
     def __call__(self, n: int) -> None:
         with self._lock:
             self.total += n
+        self._maybe_publish()
+
+    def expect(self, n: int) -> None:
+        with self._lock:
+            self.expected = (self.expected or 0) + n
+        self._maybe_publish()
+
+    def _maybe_publish(self) -> None:
+        with self._lock:
             now = time.monotonic()
             if now - self._sent_at < self.every:
                 return
             self._sent_at = now
-            total = self.total
-        self._publish(total)
+        self.flush()
 
     def flush(self) -> None:
-        self._publish(self.total)
-
-    def _publish(self, total: int) -> None:
+        with self._lock:
+            total, expected = self.total, self.expected
         try:
-            self.store.set_progress(self.batch_id, self.task_id, total)
+            self.store.set_progress(self.batch_id, self.task_id, total, expected)
         except Exception as e:  # progress is advisory; never fail a copy over it
             log.debug("progress not recorded: %s", e)
 
@@ -56,40 +81,51 @@ def _retry_delay(retries: int) -> float:
     return float(min(300, 10 * 2**retries) * random.uniform(0.5, 1.0))
 
 
-@app.task(name=SYNC_TASK, bind=True, acks_late=True, max_retries=None)
-def sync_image(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+@app.task(name=SYNC_TASK, bind=True, base=SyncTask, acks_late=True, max_retries=None)
+def sync_image(self: Task, job: dict[str, Any], first_started_at: float | None = None) -> dict[str, Any]:
     j = SyncJob.model_validate(job)
     s = runtime.settings()
     store = runtime.store()
     task_id = self.request.id or ""
     attempt = self.request.retries
-    store.record_state(j.batch_id, task_id, f"started on {s.node}" + (f" (retry {attempt})" if attempt else ""))
-    progress = _Progress(store, j.batch_id, task_id)
+    runs = s.task_max_retries + 1
     started = time.time()
+    store.record_state(j.batch_id, task_id, TaskState(phase="running", node=s.node, attempt=attempt + 1,
+                                                      attempts=runs))
+    progress = _Progress(store, j.batch_id, task_id)
+    crash: Exception | None = None
     try:
-        result = runtime.engine(j.engine).sync(j, progress)
+        result = runtime.engine(j.engine).sync(j, progress, expect=progress.expect)
     except Exception as e:  # a bug must still end the image, not hang the batch
-        log.exception("sync of %s crashed", j.source)
+        crash = e
         result = SyncResult(batch_id=j.batch_id, source=j.source, status="failed",
                             error=f"internal error: {type(e).__name__}: {e}", error_code="INTERNAL")
     progress.flush()
     result = result.model_copy(update={
         "task_id": task_id, "node": s.node, "line": j.line, "engine": j.engine,
         "started_at": started, "duration_s": time.time() - started,
+        "attempts": attempt + 1, "first_started_at": first_started_at or started,
         "cleanup_task_id": _chain_cleanup(j, task_id, s.node, result.local_refs),
     })
-    if result.status == "failed" and result.temporary and attempt < s.task_max_retries:
-        store.record_state(j.batch_id, task_id, f"retrying: {result.error}")
+    if result.status == "failed" and result.temporary and crash is None and attempt < s.task_max_retries:
+        countdown = _retry_delay(attempt)
+        store.record_state(j.batch_id, task_id, TaskState(
+            phase="retrying", node=s.node, attempt=attempt + 2, attempts=runs, retry_at=time.time() + countdown,
+            reason=describe.failure_text(result)))
         try:
-            raise self.retry(countdown=_retry_delay(attempt), max_retries=s.task_max_retries)
+            raise self.retry(args=[job], kwargs={"first_started_at": result.first_started_at}, countdown=countdown,
+                             max_retries=s.task_max_retries, argsrepr=describe.sync_task_args(j),
+                             kwargsrepr="{}")
         except Retry:
             raise
         except Exception as e:  # the retry could not be queued: end the image rather than lose it
             log.warning("retry of %s not queued: %s", j.source, e)
     store.record_result(result)
+    if crash is not None:
+        raise crash  # a bug: Celery logs it with its traceback
     if result.status == "failed":
-        raise ImageSyncFailed(f"{j.source}: {result.error}")
-    return result.model_dump(mode="json")
+        raise ImageSyncFailed(describe.failure_text(result))
+    return describe.flower_result(result)
 
 
 def _chain_cleanup(job: SyncJob, task_id: str, node: str, remove: list[str]) -> str | None:
@@ -98,6 +134,7 @@ def _chain_cleanup(job: SyncJob, task_id: str, node: str, remove: list[str]) -> 
         sent = cleanup.apply_async(
             kwargs={"engine": job.engine, "batch_id": job.batch_id, "for_task": task_id, "remove": remove},
             queue=node_queue(node),
+            shadow=describe.cleanup_task_name(node, f"after sync {job.source}"),
         )
         return str(sent.id)
     except Exception as e:
@@ -111,4 +148,4 @@ def cleanup(self: Task, engine: str = "registry", batch_id: str | None = None,
     result = runtime.run_cleanup(engine, remove or [], for_task)
     if batch_id:
         runtime.store().record_cleanup(batch_id, self.request.id or "", result)
-    return result.model_dump(mode="json")
+    return describe.flower_cleanup(result)

@@ -21,6 +21,8 @@ from typing import Any
 
 from celery import bootsteps
 
+from config.describe import cleanup_task_name
+
 log = logging.getLogger("ferry.upkeep")
 
 
@@ -57,7 +59,7 @@ def make_upkeep_step(config: UpkeepConfig) -> type[bootsteps.StartStopStep]:
 
         def start(self, c: Any) -> None:
             if config.cleanup_interval > 0:
-                self.timers.append(c.timer.call_repeatedly(config.cleanup_interval, self.cleanup, (c,)))
+                self.timers.append(c.timer.call_repeatedly(config.cleanup_interval, self.cleanup, (c, "periodic")))
             if config.check_interval > 0:
                 self.timers.append(c.timer.call_repeatedly(config.check_interval, self.check_disk, (c,)))
 
@@ -66,10 +68,10 @@ def make_upkeep_step(config: UpkeepConfig) -> type[bootsteps.StartStopStep]:
                 t.cancel()
             self.timers.clear()
 
-        def cleanup(self, c: Any) -> None:
+        def cleanup(self, c: Any, why: str) -> None:
             try:
                 c.app.send_task(config.cleanup_task, kwargs={"engine": config.engine},
-                                queue=config.node_queue)
+                                queue=config.node_queue, shadow=cleanup_task_name(config.node, why))
             except Exception as exc:  # the broker may be away; the next round tries again
                 log.warning("periodic cleanup not queued: %s", exc)
 
@@ -88,6 +90,6 @@ def make_upkeep_step(config: UpkeepConfig) -> type[bootsteps.StartStopStep]:
             # While low, ask for a cleanup now and then, not at every check.
             if low and time.monotonic() - self.asked_at >= max(10.0, config.check_interval):
                 self.asked_at = time.monotonic()
-                self.cleanup(c)
+                self.cleanup(c, "disk low")
 
     return NodeUpkeep
