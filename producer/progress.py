@@ -124,12 +124,16 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task
                 vol = volume(watch, results, tally)
                 rate = meter.rate(now, vol.moved)
                 done, failed = len(results), sum(r.status == "failed" for r in results.values())
-                figures = [f"{done}/{len(watch)}", vol.text(), f"{describe.human_bytes(rate)}/s"]
+                finished = done == len(watch)
+                # While running, the recent rate; at the end, the average (the recent one has decayed).
+                shown = describe.human_rate(vol.moved, now - started) if finished else \
+                    f"{describe.human_bytes(rate)}/s"
+                figures = [f"{done}/{len(watch)}", vol.text(), shown]
                 figures += [f"[red]{failed} failed[/]"] if failed else []
                 figures += [f"[yellow]{len(retrying)} retrying[/]"] if retrying else []
                 figures += [_clock(now - started), f"eta {_clock(meter.eta(now, vol, rate, done, len(watch)))}"]
                 share = vol.moved / vol.total if vol.total else done / len(watch)
-                bar.update(task, completed=min(1.0, share) if done < len(watch) else 1.0,
+                bar.update(task, completed=1.0 if finished else min(1.0, share),
                            figures="  ".join(figures))
                 if snap.done_among(watch):
                     return snap

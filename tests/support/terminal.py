@@ -68,7 +68,8 @@ class Terminal:
             raise AssertionError(f"still running after {timeout}s:\n{self.text}") from None
         if self._reader is not None:
             self._reader.join(10)
-        os.close(self.master)
+            self._reader = None
+            os.close(self.master)
         return code
 
     def kill(self) -> None:
