@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from config.jobs import CleanupResult, DestinationResult, SyncJob, SyncResult, TaskState
-from config.reference import Reference
+from config.reference import name_of
 
 
 def human_bytes(n: float) -> str:
@@ -76,16 +76,9 @@ def cleanup_task_name(node: str, why: str) -> str:
 
 # -- one image ---------------------------------------------------------------------------------
 
-def _repository(image: str) -> str:
-    try:
-        return Reference.parse(image).name
-    except ValueError:
-        return image
-
-
 def names_image(reason: str, image: str) -> bool:
     """Whether ``reason`` already says which repository it is about."""
-    return _repository(image) in reason
+    return name_of(image) in reason
 
 
 def _blob_counts(dests: list[DestinationResult]) -> str:

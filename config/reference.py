@@ -297,6 +297,14 @@ class Reference:
         return self._text()
 
 
+def name_of(text: str) -> str:
+    """``registry/repository`` of an image reference, or ``text`` itself when it is none."""
+    try:
+        return Reference.parse(text).name
+    except ValueError:
+        return text
+
+
 def _parse_problem(text: str) -> str | None:
     """Cheap checks before splitting, so odd input gets a precise reason."""
     if not text:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import httpx
 
-from config.reference import Reference
+from config.reference import name_of
 
 # Error bodies are small JSON documents; never read more of one than this.
 ERROR_BODY_LIMIT = 64 * 1024
@@ -66,16 +66,9 @@ class RegistryError(Exception):
     def reason(self, about: object) -> str:
         """The error as it reads next to the image ``about``: the message alone when it concerns
         that image's repository (or nothing in particular), else naming what it concerns."""
-        if self.reference is None or _repository(self.reference) == _repository(str(about)):
+        if self.reference is None or name_of(self.reference) == name_of(str(about)):
             return self.message
         return str(self)
-
-
-def _repository(image: str) -> str:
-    try:
-        return Reference.parse(image).name
-    except ValueError:
-        return image
 
 
 class TransportError(RegistryError):
