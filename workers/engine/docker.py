@@ -40,6 +40,7 @@ from workers.engine.errors import (
     ServerError,
     TransportError,
     Unauthorized,
+    missing,
 )
 from workers.engine.protocols import ProgressFn
 from workers.engine.retry import RetryPolicy
@@ -383,7 +384,7 @@ class DockerEngine:
                 image_ids[p] = self._pull(plan, p, src_cred, down, secrets)
         except RegistryError as e:
             result.bytes_downloaded = down.bytes
-            return _failed(result, e.with_reference(plan.source), started)
+            return _failed(result, _what_is_missing(e, plan.source).with_reference(plan.source), started)
         result.bytes_downloaded = down.bytes
 
         failures: list[RegistryError] = []
@@ -600,6 +601,18 @@ def _scrub(text: str, secrets: list[str]) -> str:
     for s in secrets:
         text = text.replace(s, "***")
     return text
+
+
+def _what_is_missing(e: RegistryError, src: Reference) -> RegistryError:
+    """dockerd's "manifest unknown" / "name unknown", said as the registry engine says them."""
+    if not isinstance(e, NotFound):
+        return e
+    text = e.message.lower()
+    if "name unknown" in text or "repository name not known" in text:
+        return missing(src, repository=False)
+    if "manifest unknown" in text:
+        return missing(src, repository=None)  # dockerd asks by HEAD, whose 404 does not say which
+    return e
 
 
 def _failed(result: SyncResult, e: Exception, started: float) -> SyncResult:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import httpx
 
-from config.reference import name_of
+from config.reference import Reference, name_of
 
 # Error bodies are small JSON documents; never read more of one than this.
 ERROR_BODY_LIMIT = 64 * 1024
@@ -103,6 +103,16 @@ class Denied(RegistryError):
 
 class NotFound(RegistryError):
     """MANIFEST_UNKNOWN, BLOB_UNKNOWN, NAME_UNKNOWN, or a bare 404."""
+
+
+def missing(ref: Reference, *, repository: bool | None) -> NotFound:
+    """What is not there, said one way by both engines: the repository (``repository`` False), or
+    the tag or digest in it (True; None when the registry would not say which)."""
+    if repository is False:
+        return NotFound(f"no repository {ref.name}", codes=["NAME_UNKNOWN"], status=404, reference=str(ref))
+    what = f"manifest {ref.digest}" if ref.digest else f"tag {ref.tag}"
+    unsure = "" if repository else " (or no such repository: the registry does not say which)"
+    return NotFound(f"no {what} in {ref.name}{unsure}", codes=["MANIFEST_UNKNOWN"], status=404, reference=str(ref))
 
 
 class InvalidRequest(RegistryError):

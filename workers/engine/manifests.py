@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from config.reference import Reference, is_digest
-from workers.engine.errors import ManifestError, NotFound, RegistryError
+from workers.engine.errors import ManifestError, NotFound, RegistryError, missing
 from workers.engine.transport import RegistryTransport
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -199,12 +199,7 @@ def missing_manifest(transport: RegistryTransport, ref: Reference) -> NotFound:
         exists = False
     except RegistryError:
         exists = None  # denied, or no tag listing here: cannot tell
-    if exists is False:
-        return NotFound(f"no repository {ref.name}", codes=["NAME_UNKNOWN"], status=404, reference=str(ref))
-    what = f"manifest {ref.digest}" if ref.digest else f"tag {ref.tag}"
-    unsure = "" if exists else " (or no such repository: the registry does not say which)"
-    return NotFound(f"no {what} in {ref.name}{unsure}", codes=["MANIFEST_UNKNOWN"], status=404,
-                    reference=str(ref))
+    return missing(ref, repository=exists)
 
 
 def get_manifest(transport: RegistryTransport, ref: Reference, digest: str | None = None) -> Manifest:
