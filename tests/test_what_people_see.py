@@ -104,6 +104,11 @@ def test_flower_names_results_and_reasons(
     cleanup = by_name[f"cleanup node-a after sync {src.host}/apps/api:v1"]
     assert str(cleanup["result"]).startswith("{'summary': '"), cleanup
 
+    # The task list's columns include what ran and how it ended.
+    page = httpx.get(f"{base}/tasks", auth=FLOWER_AUTH, timeout=10).text
+    columns = re.findall(r'<th data-column="(\w+)"', page)
+    assert {"name", "state", "args", "result", "exception", "worker"} <= set(columns), columns
+
     # retry sends the failed image under a new id: Flower keeps the failed attempt beside the new one.
     push_image(src_pusher, "apps/api", tag="v9.9", layers=1)
     assert c.producer("retry", c.latest_batch(), "--wait").returncode == 0
