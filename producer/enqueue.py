@@ -63,11 +63,14 @@ def publish(app: Celery, tasks: list[tuple[str, SyncJob]]) -> None:
     Celery's own sent event names the registered task (``ferry.sync_image``) and may reach Flower
     after the worker's events, renaming the task there; this one carries the name people read.
     """
-    with app.producer_or_acquire() as producer, app.events.default_dispatcher() as events:
+    with app.producer_or_acquire() as producer:
+        # Publishes through the tasks' own producer, as Celery does: no second connection.
+        events = app.events.Dispatcher(producer.connection, enabled=False)
         for task_id, job in tasks:
             name, args = describe.sync_task_name(job.source), describe.sync_task_args(job)
             app.send_task(SYNC_TASK, args=[job.model_dump(mode="json")], task_id=task_id, queue=SYNC_QUEUE,
                           producer=producer, argsrepr=args, shadow=name)
-            events.send("task-sent", uuid=task_id, root_id=task_id, parent_id=None, name=name, args=args,
-                        kwargs="{}", retries=0, eta=None, expires=None, queue=SYNC_QUEUE, exchange="",
-                        routing_key=SYNC_QUEUE)
+            events.publish("task-sent", {
+                "uuid": task_id, "root_id": task_id, "parent_id": None, "name": name, "args": args,
+                "kwargs": "{}", "retries": 0, "eta": None, "expires": None, "queue": SYNC_QUEUE,
+                "exchange": "", "routing_key": SYNC_QUEUE}, producer)

@@ -192,6 +192,9 @@ def test_unreachable_registry_retries_visibly_then_retry_reports_its_own_work(
     assert f"failed line 1 (after 2 attempts): {down.host}/apps/small:v1: connection refused" in status.stdout
     assert re.search(r"2 of 2 done · 1 synced · 0 up to date · 1 failed · [\d.]+ MB moved", status.stdout), \
         status.stdout
+    sdoc = json.loads(c.producer("status", batch, "--json", "-").stdout)
+    assert (sdoc["done"], sdoc["failed"], sdoc["bytes_moved"]) == (2, 1, big_bytes)
+    assert [(i["line"], i["source"]) for i in sdoc["failed_images"]] == [(1, f"{down.host}/apps/small:v1")]
 
     time.sleep(2)  # an idle gap the batch's active time leaves out
     down.start()
