@@ -18,11 +18,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from urllib.parse import urlsplit
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 # Other spellings of Docker Hub, folded into DOCKER_HUB.
 HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+# Lookups also fold the Hub's web host, which docker files credentials under; a reference
+# naming it keeps it, as before.
+_HUB_NAMES = HUB_ALIASES | {"registry.hub.docker.com"}
 OFFICIAL_PREFIX = "library/"
 DEFAULT_TAG = "latest"
 NAME_MAX = 255
@@ -90,20 +94,40 @@ def is_digest(s: str) -> bool:
 
 
 def normalize_registry(registry: str) -> str:
-    """Docker Hub's several host names become ``docker.io``; others are kept as written."""
+    """A reference's registry as written, but Docker Hub's API hosts become ``docker.io``."""
     return DOCKER_HUB if registry.lower() in HUB_ALIASES else registry
 
 
-def host_is_loopback(registry: str) -> bool:
-    """True for ``localhost``, 127.0.0.0/8 and ``[::1]``, with or without a port."""
-    if registry.startswith("["):
-        host = registry[1 : registry.find("]")] if "]" in registry else registry
-    else:
-        host = registry.rsplit(":", 1)[0] if ":" in registry else registry
-    if host.lower() == "localhost":
+def canonical_registry(name: str) -> str:
+    """The one name registries are compared and looked up by: ``host[:port]`` in lower case,
+    with every name of Docker Hub folded into ``docker.io``.
+
+    Accepts URLs as found in docker's config (``https://index.docker.io/v1/``).
+    """
+    s = name.strip()
+    if "://" in s:
+        s = urlsplit(s).netloc or s
+    s = s.split("/", 1)[0].lower()
+    return DOCKER_HUB if s in _HUB_NAMES else s
+
+
+def host_is_loopback(host: str) -> bool:
+    """True for ``localhost``, 127.0.0.0/8 and ``::1``, as ``host``, ``host:port``, ``[v6]`` or ``[v6]:port``.
+
+    These are the hosts docker treats as insecure by default. ``*.localhost`` is not among
+    them: nothing here resolves names, and only ``localhost`` itself is pinned to loopback
+    by /etc/hosts; a subdomain goes to whatever resolver is configured, which RFC 6761 asks
+    but does not force to answer with loopback. List such hosts as insecure registries.
+    """
+    h = host.strip()
+    if h.startswith("["):
+        h = h[1 : h.find("]")] if "]" in h else h[1:]
+    elif h.count(":") == 1:
+        h = h.split(":", 1)[0]
+    if h.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(h).is_loopback
     except ValueError:
         return False
 

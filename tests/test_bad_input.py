@@ -104,10 +104,11 @@ def test_producer_bad_settings(tmp_path: Path, redis_server: RedisServer, env: d
     ({}, ["--engine", "foo"], "FERRY_ENGINE"),
     ({"FERRY_BROKER_URL": "redis://:pw-Zq81@127.0.0.1:notaport/0"}, [], "FERRY_BROKER_URL"),
     ({}, ["flower", "--address", "0.0.0.0"], "needs --basic-auth"),
+    ({}, ["flower", "--address", "flower.localhost"], "needs --basic-auth"),
     ({}, ["--loglevel", "chatty"], "--loglevel (FERRY_LOGLEVEL) must be one of"),
     ({"FERRY_LOGLEVEL": "chatty"}, [], "--loglevel (FERRY_LOGLEVEL) must be one of"),
 ], ids=["cli-concurrency", "env-concurrency", "env-engine", "cli-engine", "broker-url", "open-flower",
-        "cli-loglevel", "env-loglevel"])
+        "open-flower-subdomain", "cli-loglevel", "env-loglevel"])
 def test_worker_bad_settings(tmp_path: Path, redis_server: RedisServer, env: dict[str, str], args: list[str],
                              expected: str) -> None:
     r = workers_cmd(args, ferry_env(redis_server.url, tmp_path, **env))

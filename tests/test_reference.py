@@ -19,8 +19,10 @@ from config.reference import (
     PlatformError,
     Reference,
     ReferenceError,
+    canonical_registry,
     host_is_loopback,
     is_digest,
+    normalize_registry,
 )
 
 F64 = "f" * 64
@@ -289,6 +291,41 @@ def test_api_host(text: str, api_host: str) -> None:
 def test_is_loopback(text: str, loopback: bool) -> None:
     assert Reference.parse(text).is_loopback is loopback
     assert host_is_loopback(Reference.parse(text).registry) is loopback
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("localhost", True),
+        ("LocalHost:5000", True),
+        ("127.0.0.1", True),
+        ("127.200.0.1:80", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("[::1]:5000", True),
+        # Resolved by whatever DNS is configured, so not trusted as loopback (see host_is_loopback).
+        ("app.localhost", False),
+        ("app.localhost:5000", False),
+        ("localhost.", False),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("[2001:db8::1]", False),
+        ("", False),
+    ],
+)
+def test_host_is_loopback_with_or_without_port(host: str, loopback: bool) -> None:
+    assert host_is_loopback(host) is loopback
+
+
+def test_registry_names_fold_docker_hub() -> None:
+    # References keep what they name (case included); lookups compare one lower-case key.
+    assert normalize_registry("Index.Docker.IO") == "docker.io"
+    assert normalize_registry("Registry.Example.com:5000") == "Registry.Example.com:5000"
+    assert normalize_registry("registry.hub.docker.com") == "registry.hub.docker.com"
+    assert canonical_registry("Registry.Example.com:5000") == "registry.example.com:5000"
+    assert [canonical_registry(x) for x in (
+        "registry.hub.docker.com", "https://index.docker.io/v1/", " registry-1.docker.io ", "docker.io/library/x",
+    )] == ["docker.io"] * 4
 
 
 def test_with_tag_keeps_the_digest_and_validates() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import sys
@@ -11,6 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from config.reference import host_is_loopback
 from config.settings import FerrySettings, describe_validation_error
 from workers import runtime
 from workers.app import SYNC_QUEUE, configure, node_queue
@@ -92,18 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _flower(app: Any, args: argparse.Namespace) -> int:
-    loopback = args.address in ("localhost",) or _is_loopback_ip(args.address)
-    if not loopback and not args.basic_auth:
+    if not host_is_loopback(args.address) and not args.basic_auth:
         return _fail("Flower on a non-loopback address needs --basic-auth user:password (FERRY_FLOWER_BASIC_AUTH)")
     argv = ["flower", f"--address={args.address}", f"--port={args.port}", f"--tasks_columns={FLOWER_COLUMNS}"]
     if args.basic_auth:
         argv.append(f"--basic-auth={args.basic_auth}")
     app.start(argv)
     return 0
-
-
-def _is_loopback_ip(addr: str) -> bool:
-    try:
-        return ipaddress.ip_address(addr).is_loopback
-    except ValueError:
-        return False

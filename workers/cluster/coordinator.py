@@ -19,13 +19,13 @@ from typing import TypeVar
 
 import redis
 
+from config.reference import canonical_registry
 from workers.cluster import keys
 from workers.cluster.leases import Leases
 from workers.cluster.ledger import BlobLedger
 from workers.cluster.quota import QuotaBoard
 from workers.cluster.ratelimit import Limit, RateLimiter
 from workers.cluster.renewer import Renewer
-from workers.engine.auth import canonical_registry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
