@@ -16,23 +16,22 @@ from pathlib import Path
 import httpx
 import pytest
 
+from config.reference import canonical_registry
 from tests.support.htpasswd import write_htpasswd
 from tests.support.images import Image, Pusher, push_image, sha
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
-from workers.engine.auth import (
+from workers.engine.auth import RegistryAuth
+from workers.engine.challenges import parse_challenges, scope_for_request
+from workers.engine.errors import Denied, Unauthorized
+from workers.engine.keychain import (
     AnonymousKeychain,
     ChainKeychain,
     Credential,
     DockerConfigKeychain,
     Keychain,
-    RegistryAuth,
     StaticKeychain,
-    canonical_registry,
-    parse_challenges,
-    scope_for_request,
 )
-from workers.engine.errors import Denied, Unauthorized
 
 ACCEPT = ", ".join(
     [

@@ -23,7 +23,8 @@ from tests.support.tokenserver import TokenServer
 from workers.cluster import keys
 from workers.cluster.coordinator import PAUSE_RECHECK, RedisCoordinator
 from workers.cluster.ratelimit import Limit
-from workers.engine.auth import ChainKeychain, Credential, RegistryAuth, RotatingKeychain, StaticKeychain
+from workers.engine.auth import RegistryAuth
+from workers.engine.keychain import ChainKeychain, Credential, RotatingKeychain, StaticKeychain
 from workers.engine.protocols import Coordinator
 from workers.engine.registry import RegistryEngine, RegistryOptions
 from workers.engine.throttle import quota_reset

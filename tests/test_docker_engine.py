@@ -14,8 +14,8 @@ from tests.support.dockerd import Dockerd
 from tests.support.htpasswd import write_htpasswd
 from tests.support.images import Image, Pusher, push_image
 from tests.support.registry import Registry
-from workers.engine.auth import AnonymousKeychain, Credential, Keychain, StaticKeychain
 from workers.engine.docker import LIMITS_WARNING, DockerEngine
+from workers.engine.keychain import AnonymousKeychain, Credential, Keychain, StaticKeychain
 
 pytestmark = pytest.mark.docker
 

@@ -26,7 +26,8 @@ from tests.support.images import (
 from tests.support.procs import free_port
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
-from workers.engine.auth import Credential, RegistryAuth, StaticKeychain
+from workers.engine.auth import RegistryAuth
+from workers.engine.keychain import Credential, StaticKeychain
 from workers.engine.registry import RegistryEngine, RegistryOptions
 
 ACCEPT = f"{OCI_INDEX}, {OCI_MANIFEST}, {DOCKER_MANIFEST}"

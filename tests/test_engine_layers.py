@@ -15,6 +15,8 @@ RANKS = {
     "retry": 1,
     "cache": 1,
     "throttle": 1,
+    "keychain": 1,
+    "challenges": 1,
     "auth": 2,
     "transport": 3,
     "manifests": 4,

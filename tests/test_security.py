@@ -31,7 +31,8 @@ from tests.support.procs import free_port, port_open, stop, wait_until
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 from tests.support.workers import ROOT
-from workers.engine.auth import Credential, RegistryAuth, StaticKeychain
+from workers.engine.auth import RegistryAuth
+from workers.engine.keychain import Credential, StaticKeychain
 from workers.engine.transport import RegistryTransport
 
 pytestmark = pytest.mark.faults

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from config.jobs import CleanupResult
-from config.settings import FerrySettings
+from config.settings import FerrySettings, RegistryConfig
 
 # Imported here, in the worker's main process, so pool processes inherit them at fork
 # instead of each importing httpx, docker and friends again on its first task.
@@ -19,9 +20,9 @@ from workers.app import CLEANUP_TASK, SYNC_QUEUE, node_queue
 from workers.batches import BatchStore
 from workers.cluster.coordinator import RedisCoordinator
 from workers.cluster.ratelimit import Limit
-from workers.credentials import keychain_from_settings
 from workers.engine.cache import BlobCache, CachePolicy
 from workers.engine.docker import DockerEngine
+from workers.engine.keychain import Credential, Keychain, configured_keychain
 from workers.engine.local_coordinator import LocalCoordinator
 from workers.engine.protocols import Coordinator, Engine
 from workers.engine.registry import RegistryEngine, RegistryOptions
@@ -112,8 +113,23 @@ def cache_dir(s: FerrySettings) -> Path:
     return Path(os.path.expanduser(s.cache.dir)) / s.node
 
 
+def build_keychain(s: FerrySettings, choose: Callable[[str], int]) -> Keychain:
+    """The credentials in ferry's settings, then docker's config; ``choose`` rotates among several."""
+    configured = {host: _credentials(r) for host, r in s.registries.items()}
+    docker_cfg = Path(s.docker_config).expanduser() if s.docker_config else None
+    return configured_keychain(configured, docker_cfg, choose)
+
+
+def _credentials(r: RegistryConfig) -> list[Credential]:
+    found = []
+    if r.username or r.password:
+        found.append(Credential(username=r.username, password=r.password.get_secret_value() if r.password else None))
+    found += [Credential(username=u, password=p.get_secret_value()) for u, p in r.extra_credentials]
+    return found
+
+
 def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = None) -> Engine:
-    keychain = keychain_from_settings(s, coordinator.credential_index if coordinator else lambda registry: 0)
+    keychain = build_keychain(s, coordinator.credential_index if coordinator else lambda registry: 0)
     if name == "docker":
         return DockerEngine(
             docker_host=s.docker_host,

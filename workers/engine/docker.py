@@ -28,7 +28,6 @@ import requests.exceptions
 
 from config.jobs import DestinationResult, SyncJob, SyncResult
 from config.reference import DOCKER_HUB, Platform, Reference
-from workers.engine.auth import DOCKER_HUB_SERVER_URL, Credential, Keychain
 from workers.engine.cache import CleanupStats
 from workers.engine.errors import (
     Denied,
@@ -42,6 +41,7 @@ from workers.engine.errors import (
     Unauthorized,
     missing,
 )
+from workers.engine.keychain import DOCKER_HUB_SERVER_URL, Credential, Keychain
 from workers.engine.protocols import ProgressFn
 from workers.engine.retry import RetryPolicy
 

@@ -13,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from config.jobs import SyncJob, SyncResult
-from config.reference import Platform, Reference
-from workers.engine.auth import Keychain, canonical_registry
+from config.reference import Platform, Reference, canonical_registry
 from workers.engine.blobs import DEFAULT_CHUNK_SIZE, BlobCopier
 from workers.engine.cache import BlobCache
 from workers.engine.copy import CopyOutcome, copy_image
 from workers.engine.errors import DigestMismatch, NotFound, RegistryError
+from workers.engine.keychain import Keychain
 from workers.engine.protocols import Coordinator, ProgressFn
 from workers.engine.ranges import DEFAULT_PARALLEL, DEFAULT_THRESHOLD
 from workers.engine.retry import RetryPolicy

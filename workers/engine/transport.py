@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import httpx
 
 from config.reference import host_is_loopback
-from workers.engine.auth import AnonymousKeychain, Keychain, RegistryAuth
+from workers.engine.auth import RegistryAuth
 from workers.engine.errors import RegistryError, error_from_response, transport_error
+from workers.engine.keychain import AnonymousKeychain, Keychain
 from workers.engine.protocols import Coordinator
 from workers.engine.retry import RetryPolicy
 from workers.engine.throttle import ThrottledTransport, quota_number
