@@ -58,7 +58,7 @@ _SPACE_RE = re.compile(r"\s")
 _INPUT_MAX = NAME_MAX + 1 + TAG_MAX + 1 + len("sha512:") + 128
 
 
-class ReferenceError(ValueError):
+class InvalidReference(ValueError):
     """An image reference that cannot be used, with the reason in words."""
 
     def __init__(self, text: str, reason: str) -> None:
@@ -66,7 +66,7 @@ class ReferenceError(ValueError):
         self.reason = reason
         super().__init__(f"invalid image reference {_shorten(text)!r}: {reason}")
 
-    def __reduce__(self) -> tuple[type[ReferenceError], tuple[str, str]]:
+    def __reduce__(self) -> tuple[type[InvalidReference], tuple[str, str]]:
         # Rebuilt from both fields when pickled across processes.
         return (type(self), (self.text, self.reason))
 
@@ -211,7 +211,7 @@ class Reference:
         if reason is None and len(self.registry) + 1 + len(self.repository) > NAME_MAX:
             reason = f"name is {len(self.name)} characters long; at most {NAME_MAX} are allowed"
         if reason is not None:
-            raise ReferenceError(self._text(), reason)
+            raise InvalidReference(self._text(), reason)
 
     @classmethod
     def parse(cls, text: str) -> Reference:
@@ -253,7 +253,7 @@ class Reference:
     def _parse_full(cls, text: str) -> Reference:
         reason = _parse_problem(text)
         if reason is not None:
-            raise ReferenceError(text, reason)
+            raise InvalidReference(text, reason)
         rest, _, digest = text.partition("@")
         tag: str | None = None
         colon = rest.rfind(":")
@@ -264,8 +264,8 @@ class Reference:
             tag = DEFAULT_TAG
         try:
             return cls(registry, repository, tag, digest or None)
-        except ReferenceError as exc:
-            raise ReferenceError(text, exc.reason) from None
+        except InvalidReference as exc:
+            raise InvalidReference(text, exc.reason) from None
 
     @property
     def name(self) -> str:

@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from config import describe
-from config.reference import ReferenceError
+from config.reference import InvalidReference
 from config.settings import FerrySettings, describe_validation_error
 from producer.listfile import ListFileError, parse_list
 from producer.mapping import Target, map_destinations
@@ -106,7 +106,7 @@ def cmd_enqueue(args: argparse.Namespace, settings: FerrySettings, out: Console,
         for le in e.errors:
             err.print(f"[red]{escape(args.list)}:{le.line}:[/] {escape(le.reason)}: {escape(le.text)}", soft_wrap=True)
         raise UsageError(f"{len(e.errors)} invalid line(s) in {args.list}; nothing was enqueued") from None
-    except ReferenceError as e:
+    except InvalidReference as e:
         raise UsageError(f"bad --target: {e}") from None
     for w in parsed.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)

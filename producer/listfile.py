@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from config.reference import Platform, PlatformError, Reference, ReferenceError
+from config.reference import InvalidReference, Platform, PlatformError, Reference
 
 DISPLAY_LIMIT = 80
 
@@ -180,7 +180,7 @@ def _options(words: list[str], platforms: list[Platform]) -> list[str]:
 def _reference(word: str, role: str) -> Reference:
     try:
         return Reference.parse(word)
-    except ReferenceError as exc:
+    except InvalidReference as exc:
         raise _LineProblem(f"bad {role} reference: {exc.reason}") from None
 
 

@@ -6,8 +6,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from config.reference import (
+    InvalidReference,
     Reference,
-    ReferenceError,
     normalize_registry,
     registry_problem,
     repository_problem,
@@ -29,20 +29,20 @@ class Target:
         if reason is None and self.namespace:
             reason = repository_problem(self.namespace)
         if reason is not None:
-            raise ReferenceError(str(self), f"bad target: {reason}")
+            raise InvalidReference(str(self), f"bad target: {reason}")
 
     @classmethod
     def parse(cls, text: str) -> Target:
         """``registry.example.com/mirror``, ``127.0.0.1:5002`` or ``host:port/a/b``."""
         if not text.strip():
-            raise ReferenceError(text, "the target is empty; give host[:port][/namespace]")
+            raise InvalidReference(text, "the target is empty; give host[:port][/namespace]")
         if "://" in text:
-            raise ReferenceError(text, "give the target as host[:port][/namespace], without a URL scheme")
+            raise InvalidReference(text, "give the target as host[:port][/namespace], without a URL scheme")
         if "@" in text:
-            raise ReferenceError(text, "a target is a registry and namespace, not an image: drop '@digest'")
+            raise InvalidReference(text, "a target is a registry and namespace, not an image: drop '@digest'")
         registry, _, namespace = text.strip().rstrip("/").partition("/")
         if ":" in namespace:
-            raise ReferenceError(text, "a target is a registry and namespace, not an image: drop ':tag'")
+            raise InvalidReference(text, "a target is a registry and namespace, not an image: drop ':tag'")
         return cls(normalize_registry(registry), namespace)
 
     def __str__(self) -> str:
@@ -75,7 +75,7 @@ def map_destinations(entries: Iterable[ListEntry], targets: Sequence[Target], *,
         else:
             try:
                 destinations = tuple(_under_target(entry.source, t, flatten) for t in targets)
-            except ReferenceError as exc:
+            except InvalidReference as exc:
                 errors.append(LineError(entry.line, entry.text, f"cannot build destination: {exc.reason}"))
                 continue
         clashed = False

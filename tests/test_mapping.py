@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from config.reference import Platform, ReferenceError
+from config.reference import InvalidReference, Platform
 from producer.enqueue import build_jobs, task_id_for
 from producer.listfile import ListEntry, ListFileError, parse_list
 from producer.mapping import Mapped, Target, map_destinations
@@ -59,7 +59,7 @@ def test_target_parse(text: str, registry: str, namespace: str, shown: str | Non
     ],
 )
 def test_target_parse_rejects(text: str, fragment: str) -> None:
-    with pytest.raises(ReferenceError) as info:
+    with pytest.raises(InvalidReference) as info:
         Target.parse(text)
     assert fragment in info.value.reason
 

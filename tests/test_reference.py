@@ -15,10 +15,10 @@ import pytest
 
 from config.reference import (
     DIGEST_RE,
+    InvalidReference,
     Platform,
     PlatformError,
     Reference,
-    ReferenceError,
     canonical_registry,
     host_is_loopback,
     is_digest,
@@ -185,7 +185,7 @@ def test_valid_references_parse_to_their_parts(text: str, expected: tuple[str, s
 
 @pytest.mark.parametrize(("text", "fragment"), INVALID, ids=[v[0][:60] for v in INVALID])
 def test_invalid_references_say_why(text: str, fragment: str) -> None:
-    with pytest.raises(ReferenceError) as info:
+    with pytest.raises(InvalidReference) as info:
         Reference.parse(text)
     assert fragment in info.value.reason
     assert isinstance(info.value, ValueError)
@@ -333,9 +333,9 @@ def test_with_tag_keeps_the_digest_and_validates() -> None:
     assert str(ref.with_tag("TAG5")) == f"test.com:8000/foo:TAG5@{SHA}"
     assert str(Reference.parse("foo").with_tag("tag2")) == "docker.io/library/foo:tag2"
     assert str(Reference.parse(f"foo:1@{SHA}").with_tag(None)) == f"docker.io/library/foo@{SHA}"
-    with pytest.raises(ReferenceError, match="not valid"):
+    with pytest.raises(InvalidReference, match="not valid"):
         ref.with_tag("-foo")
-    with pytest.raises(ReferenceError, match="needs a tag or a digest"):
+    with pytest.raises(InvalidReference, match="needs a tag or a digest"):
         Reference.parse("foo:1").with_tag(None)
 
 
@@ -343,7 +343,7 @@ def test_with_digest_keeps_the_tag_and_validates() -> None:
     ref = Reference.parse("test.com/foo:v1")
     assert str(ref.with_digest(SHA)) == f"test.com/foo:v1@{SHA}"
     assert ref.with_digest(SHA).ref == SHA
-    with pytest.raises(ReferenceError, match="not of the form"):
+    with pytest.raises(InvalidReference, match="not of the form"):
         ref.with_digest("foo")
 
 
@@ -352,9 +352,9 @@ def test_with_name_normalises_docker_hub() -> None:
     moved = ref.with_name("registry.example.com:8443", "mirror/org/app")
     assert str(moved) == f"registry.example.com:8443/mirror/org/app:v1@{SHA}"
     assert str(ref.with_name("index.docker.io", "app")) == f"docker.io/library/app:v1@{SHA}"
-    with pytest.raises(ReferenceError, match="lowercase"):
+    with pytest.raises(InvalidReference, match="lowercase"):
         ref.with_name("example.com", "Org/app")
-    with pytest.raises(ReferenceError, match="at most 255"):
+    with pytest.raises(InvalidReference, match="at most 255"):
         ref.with_name("example.com", "a" * 250)
 
 
@@ -369,7 +369,7 @@ def test_with_name_normalises_docker_hub() -> None:
     ],
 )
 def test_direct_construction_is_validated(fields: tuple[str, str, str | None, str | None], fragment: str) -> None:
-    with pytest.raises(ReferenceError) as info:
+    with pytest.raises(InvalidReference) as info:
         Reference(*fields)
     assert fragment in info.value.reason
 
@@ -490,11 +490,11 @@ def test_platform_matches(filter_: str, descriptor: dict[str, object], matches: 
 
 
 def test_errors_survive_pickling() -> None:
-    with pytest.raises(ReferenceError) as ref_info:
+    with pytest.raises(InvalidReference) as ref_info:
         Reference.parse("Bad")
     copy = pickle.loads(pickle.dumps(ref_info.value))
     assert (type(copy), copy.text, copy.reason, str(copy)) == (
-        ReferenceError,
+        InvalidReference,
         "Bad",
         ref_info.value.reason,
         str(ref_info.value),
@@ -508,7 +508,7 @@ def test_errors_survive_pickling() -> None:
 def _outcome(parse: Callable[[str], Reference], text: str) -> object:
     try:
         return parse(text)
-    except ReferenceError as exc:
+    except InvalidReference as exc:
         return ("error", exc.reason)
 
 
