@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from config.reference import InvalidReference, Platform, PlatformError, Reference
+from config.platform import Platform, PlatformError
+from config.reference import InvalidReference, Reference
 
 DISPLAY_LIMIT = 80
 

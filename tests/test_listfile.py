@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from config.reference import Platform, Reference
+from config.platform import Platform
+from config.reference import Reference
 from producer.listfile import LineError, ListEntry, ListFileError, parse_list
 
 SHA = "sha256:" + "a" * 64

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from config.reference import InvalidReference, Platform
+from config.platform import Platform
+from config.reference import InvalidReference
 from producer.enqueue import build_jobs, task_id_for
 from producer.listfile import ListEntry, ListFileError, parse_list
 from producer.mapping import Mapped, Target, map_destinations

@@ -13,11 +13,10 @@ from collections.abc import Callable
 
 import pytest
 
+from config.platform import Platform, PlatformError
 from config.reference import (
     DIGEST_RE,
     InvalidReference,
-    Platform,
-    PlatformError,
     Reference,
     canonical_registry,
     host_is_loopback,

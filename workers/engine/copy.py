@@ -17,7 +17,8 @@ from concurrent.futures import FIRST_EXCEPTION, Executor, Future, wait
 from dataclasses import dataclass, field
 
 from config.jobs import DestinationResult
-from config.reference import Platform, Reference
+from config.platform import Platform
+from config.reference import Reference
 from workers.engine.blobs import BlobCopier, BlobResult
 from workers.engine.errors import ManifestError, NotFound, RegistryError
 from workers.engine.manifests import (

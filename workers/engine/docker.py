@@ -27,7 +27,8 @@ import docker.errors
 import requests.exceptions
 
 from config.jobs import DestinationResult, SyncJob, SyncResult
-from config.reference import DOCKER_HUB, Platform, Reference
+from config.platform import Platform
+from config.reference import DOCKER_HUB, Reference
 from workers.engine.cache import CleanupStats
 from workers.engine.errors import (
     Denied,

@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from config.jobs import SyncJob, SyncResult
-from config.reference import Platform, Reference, canonical_registry
+from config.platform import Platform
+from config.reference import Reference, canonical_registry
 from workers.engine.blobs import DEFAULT_CHUNK_SIZE, BlobCopier
 from workers.engine.cache import BlobCache
 from workers.engine.copy import CopyOutcome, copy_image
