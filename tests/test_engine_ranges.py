@@ -16,10 +16,11 @@ from config.reference import Reference
 from tests.support.faultproxy import Corrupt, Delay, DropAfter, FaultProxy, Rule, Stall, Status, Truncate
 from tests.support.images import Pusher, push_random_blob
 from tests.support.registry import Registry
+from workers.engine.blob_reader import Stream
 from workers.engine.blobs import BlobCopier
 from workers.engine.errors import DigestMismatch
 from workers.engine.manifests import Descriptor
-from workers.engine.ranges import RangeFetcher, Stream
+from workers.engine.ranges import RangeFetcher
 from workers.engine.retry import RetryPolicy
 from workers.engine.transport import RegistryTransport
 

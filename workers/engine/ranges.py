@@ -25,21 +25,19 @@ import re
 import socket
 import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import httpx
 
 from config.reference import Reference
-from workers.engine.errors import DigestMismatch, RegistryError, TransportError, transport_error
+from workers.engine.blob_endpoints import get_blob
+from workers.engine.blob_reader import Opener, Stream
+from workers.engine.errors import DigestMismatch, TransportError, transport_error
 from workers.engine.transport import RegistryTransport
 
 log = logging.getLogger(__name__)
-
-# A blob's bytes from an offset, and how to stop reading them early.
-Stream = tuple[Iterator[bytes], Callable[[], None]]
-Opener = Callable[[int], Stream]
 
 DEFAULT_PARALLEL = 4
 DEFAULT_THRESHOLD = 16 * 1024 * 1024
@@ -55,24 +53,6 @@ MIN_LATENCY = 0.02
 # How long close() waits for parts that are still connecting to give up on their own.
 CLOSE_GRACE = 2.0
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
-
-
-def get_blob(transport: RegistryTransport, src: Reference, digest: str, start: int = 0,
-             end: int | None = None) -> httpx.Response:
-    """One streamed GET of the blob's bytes ``start``..``end`` (exclusive; None: to its end),
-    200 or 206; the caller closes it. A range past the end means the blob is shorter than
-    its descriptor."""
-    headers = None
-    if start or end is not None:
-        headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
-    try:
-        return transport.send("GET", src.api_host, f"/v2/{src.repository}/blobs/{digest}", ok=(200, 206),
-                              headers=headers, stream=True, reference=src)
-    except RegistryError as exc:
-        if exc.status == 416:
-            raise DigestMismatch(f"blob {digest} at the source is shorter than its descriptor says",
-                                 reference=str(src)) from None
-        raise
 
 
 def part_size(remaining: int, parallel: int) -> int:
