@@ -1,12 +1,18 @@
-"""The engine package stays free of Celery and keeps its layers pointing one way."""
+"""The engine package stays free of Celery and keeps its layers pointing one way; the cluster
+package sees the engine only through its protocols."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-ENGINE = Path(__file__).resolve().parent.parent / "workers" / "engine"
-# Each module may import only modules of a lower rank.
+import workers.engine
+
+WORKERS = Path(__file__).resolve().parent.parent / "workers"
+ENGINE = WORKERS / "engine"
+CLUSTER = WORKERS / "cluster"
+# Each module may import only modules of a lower rank. Every engine module is listed.
 RANKS = {
     "errors": 0,
     "protocols": 0,
@@ -20,12 +26,16 @@ RANKS = {
     "auth": 2,
     "transport": 3,
     "manifests": 4,
-    "ranges": 4,
-    "blobs": 5,
-    "copy": 6,
-    "registry": 7,
-    "docker": 7,
+    "blob_endpoints": 4,
+    "blob_reader": 5,
+    "ranges": 6,
+    "blob_upload": 6,
+    "blobs": 7,
+    "copy": 8,
+    "registry": 9,
+    "docker": 9,
 }
+TASK_LAYER = ("celery", "kombu", "producer")
 
 
 def imports(path: Path) -> set[str]:
@@ -39,26 +49,40 @@ def imports(path: Path) -> set[str]:
     return found
 
 
-def engine_modules() -> list[Path]:
-    mods = sorted(ENGINE.rglob("*.py"))
-    assert len(mods) >= len(RANKS)
+def modules(package: Path) -> list[Path]:
+    mods = sorted(package.rglob("*.py"))
+    assert mods, f"no modules under {package}"
     return mods
 
 
+def test_every_engine_module_has_a_rank() -> None:
+    found = {p.relative_to(ENGINE).with_suffix("").as_posix() for p in modules(ENGINE)} - {"__init__"}
+    assert found - RANKS.keys() == set(), "engine modules without a layer: add them to RANKS"
+    assert RANKS.keys() - found == set(), "RANKS names modules that no longer exist"
+
+
+def test_engine_docstring_lists_the_same_layers() -> None:
+    doc = workers.engine.__doc__ or ""
+    listed = {name.strip(): int(rank) for rank, names in re.findall(r"^\s*(\d+)\s+(\w.*)$", doc, re.M)
+              for name in names.split(",")}
+    assert listed == RANKS
+
+
 def test_engine_never_imports_celery_or_the_task_layer() -> None:
-    for path in engine_modules():
+    for path in modules(ENGINE):
         for name in imports(path):
             top = name.split(".")[0]
-            assert top not in ("celery", "kombu", "producer"), f"{path.name} imports {name}"
+            assert top not in TASK_LAYER, f"{path.name} imports {name}"
             if top == "workers":
                 assert name.startswith("workers.engine"), f"{path.name} imports {name}"
 
 
 def test_layers_only_import_downwards() -> None:
-    for path in engine_modules():
-        own = RANKS.get(path.stem)
-        if own is None:
+    for path in modules(ENGINE):
+        if path.stem == "__init__":
             continue
+        own = RANKS.get(path.stem)
+        assert own is not None, f"{path.name} has no layer in RANKS"
         for name in imports(path):
             parts = name.split(".")
             if parts[:2] != ["workers", "engine"] or len(parts) < 3:
@@ -66,3 +90,13 @@ def test_layers_only_import_downwards() -> None:
             other = RANKS.get(parts[2])
             if other is not None and parts[2] != path.stem:
                 assert other < own, f"{path.stem} (layer {own}) imports {parts[2]} (layer {other})"
+
+
+def test_cluster_sees_the_engine_only_through_its_protocols() -> None:
+    for path in modules(CLUSTER):
+        for name in imports(path):
+            top = name.split(".")[0]
+            assert top not in TASK_LAYER, f"cluster/{path.name} imports {name}"
+            if top == "workers" and name not in ("workers", "workers.engine"):
+                assert name.startswith(("workers.cluster", "workers.engine.protocols")), \
+                    f"cluster/{path.name} imports {name}"

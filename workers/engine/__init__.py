@@ -1,5 +1,17 @@
 """Transfer engines. Nothing in this package imports Celery (a test enforces it).
 
-Layers, each importing only those before it:
-reference (config.reference) -> errors -> auth -> transport/retry -> manifests/blobs -> copy -> engines.
+Layers, each module importing only modules of a lower rank (and config: references,
+platforms, job models); tests/test_engine_layers.py holds the same table and checks
+every module against it:
+
+    0  errors, protocols, tls, local_coordinator
+    1  retry, cache, throttle, keychain, challenges
+    2  auth
+    3  transport
+    4  manifests, blob_endpoints
+    5  blob_reader
+    6  ranges, blob_upload
+    7  blobs
+    8  copy
+    9  registry, docker
 """
