@@ -48,11 +48,11 @@ test-cluster: venv
 	$(PYTEST) -q -m cluster
 
 lint: venv
-	$(PY) -m ruff check config producer workers tests
-	$(PY) -m mypy config producer workers
+	$(PY) -m ruff check config contract producer workers tests
+	$(PY) -m mypy config contract producer workers
 
 fmt: venv
-	$(PY) -m ruff check --fix config producer workers tests
+	$(PY) -m ruff check --fix config contract producer workers tests
 
 bench: venv
 	$(PY) ../shared/bench/bench.py --project . --workers $(WORKERS) --concurrency $(CONCURRENCY) --json bench.json

@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # imported lazily at run time, so bad input is reported befor
     from celery import Celery
 
     from config.jobs import BatchMeta
-    from workers.batches import BatchSnapshot, BatchStore
+    from contract.batches import BatchSnapshot, BatchStore
 
 USAGE = 2
 # User and registry text passes through rich.markup.escape: "[...]" in it would be read as markup.
@@ -142,8 +142,8 @@ def _broker(settings: FerrySettings, err: Console) -> Iterator[FerrySettings]:
 
 
 def _connect(settings: FerrySettings) -> tuple[Celery, BatchStore]:
-    from workers.app import configure
-    from workers.batches import BatchStore
+    from contract.batches import BatchStore
+    from producer.enqueue import broker_app
 
     assert settings.broker_url is not None
     url = (settings.result_url or settings.broker_url).get_secret_value()
@@ -153,7 +153,7 @@ def _connect(settings: FerrySettings) -> tuple[Celery, BatchStore]:
     except redis.RedisError as e:
         store.close()
         raise UsageError(f"cannot reach the broker at {_safe_url(url)}: {e}") from None
-    return configure(settings), store
+    return broker_app(settings), store
 
 
 def _safe_url(url: str) -> str:

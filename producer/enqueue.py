@@ -10,10 +10,10 @@ from celery import Celery
 
 from config import describe
 from config.jobs import BatchMeta, SyncJob
-from config.settings import EngineName
+from config.settings import EngineName, FerrySettings
+from contract.batches import BatchStore
+from contract.broker import SYNC_QUEUE, SYNC_TASK, celery_config
 from producer.mapping import Mapped
-from workers.app import SYNC_QUEUE, SYNC_TASK
-from workers.batches import BatchStore
 
 _TASK_NS = uuid.UUID("3b7c1f0e-9a52-4d8e-8f0a-6f1e2c9d4b10")
 
@@ -44,6 +44,13 @@ def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: EngineName) -> l
         )
         jobs.setdefault((job.source, tuple(job.destinations), tuple(job.platforms)), job)
     return list(jobs.values())
+
+
+def broker_app(settings: FerrySettings) -> Celery:
+    """A Celery app that only sends: the workers define the tasks, the contract names them."""
+    app = Celery("ferry")
+    app.conf.update(celery_config(settings))
+    return app
 
 
 def enqueue(app: Celery, store: BatchStore, batch_id: str, list_file: str, targets: list[str],

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 
 from config import describe
 from config.jobs import BatchMeta, SyncResult
-from workers.batches import BatchSnapshot, BatchStore, Tally
+from contract.batches import BatchSnapshot, BatchStore, Tally
 
 # Rate over the last few seconds: steady enough to read, quick to follow a change.
 RATE_WINDOW = 5.0

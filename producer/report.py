@@ -16,7 +16,7 @@ from rich.table import Table
 
 from config import describe
 from config.jobs import SyncResult
-from workers.batches import BatchSnapshot
+from contract.batches import BatchSnapshot
 
 OK, FAILED = 0, 1
 

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 
 from config.jobs import SyncJob
+from contract import keys
 from tests.support.cluster import Cluster, make_cluster_fixture, wait_proc  # noqa: F401  (fixture)
 from tests.support.faultproxy import FaultProxy, Rule, delay, status
 from tests.support.images import Image, Pusher, push_image
 from tests.support.procs import wait_until
 from tests.support.registry import Registry
-from workers.cluster import keys
 from workers.cluster.coordinator import RedisCoordinator
 from workers.engine.cache import BlobCache, CachePolicy
 from workers.engine.local_coordinator import LocalCoordinator

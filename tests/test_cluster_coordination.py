@@ -14,13 +14,13 @@ import httpx
 import pytest
 
 from config.jobs import SyncJob
+from contract import keys
 from tests.support.faultproxy import FaultProxy, Rule, max_in_window, too_many_requests
 from tests.support.images import Pusher, push_image
 from tests.support.procs import stop, wait_until
 from tests.support.redis import RedisServer
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
-from workers.cluster import keys
 from workers.cluster.coordinator import PAUSE_RECHECK, RedisCoordinator
 from workers.cluster.ratelimit import Limit
 from workers.engine.auth import RegistryAuth

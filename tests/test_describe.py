@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from config import describe
 from config.jobs import DestinationResult, SyncResult, TaskState
+from contract.batches import Tally
 from producer.progress import Meter, Volume, volume
 from producer.report import active_seconds
-from workers.batches import Tally
 
 SRC = "127.0.0.1:5902/apps/worker:v9.9"
 

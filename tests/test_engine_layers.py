@@ -3,13 +3,12 @@ package sees the engine only through its protocols."""
 
 from __future__ import annotations
 
-import ast
 import re
-from pathlib import Path
 
 import workers.engine
+from tests.support.imports import ROOT, imports, modules
 
-WORKERS = Path(__file__).resolve().parent.parent / "workers"
+WORKERS = ROOT / "workers"
 ENGINE = WORKERS / "engine"
 CLUSTER = WORKERS / "cluster"
 # Each module may import only modules of a lower rank. Every engine module is listed.
@@ -36,23 +35,6 @@ RANKS = {
     "docker": 9,
 }
 TASK_LAYER = ("celery", "kombu", "producer")
-
-
-def imports(path: Path) -> set[str]:
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found.update(f"{node.module}.{a.name}" for a in node.names)
-    return found
-
-
-def modules(package: Path) -> list[Path]:
-    mods = sorted(package.rglob("*.py"))
-    assert mods, f"no modules under {package}"
-    return mods
 
 
 def test_every_engine_module_has_a_rank() -> None:

@@ -12,8 +12,9 @@ from pydantic import ValidationError
 
 from config.reference import host_is_loopback
 from config.settings import FerrySettings, describe_validation_error
+from contract.broker import SYNC_QUEUE, node_queue
 from workers import runtime
-from workers.app import SYNC_QUEUE, configure, node_queue
+from workers.app import configure
 from workers.upkeep import make_upkeep_step
 
 USAGE_ERROR = 2

@@ -16,8 +16,8 @@ from config.settings import FerrySettings, RegistryConfig
 
 # Imported here, in the worker's main process, so pool processes inherit them at fork
 # instead of each importing httpx, docker and friends again on its first task.
-from workers.app import CLEANUP_TASK, SYNC_QUEUE, node_queue
-from workers.batches import BatchStore
+from contract.batches import BatchStore
+from contract.broker import CLEANUP_TASK, SYNC_QUEUE, node_queue
 from workers.cluster.coordinator import RedisCoordinator
 from workers.cluster.ratelimit import Limit
 from workers.engine.cache import BlobCache, CachePolicy

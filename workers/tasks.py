@@ -13,9 +13,10 @@ from celery.exceptions import Retry
 
 from config import describe
 from config.jobs import SyncJob, SyncResult, TaskState
+from contract.batches import BatchStore
+from contract.broker import CLEANUP_TASK, SYNC_TASK, node_queue
 from workers import runtime
-from workers.app import CLEANUP_TASK, SYNC_TASK, app, node_queue
-from workers.batches import BatchStore
+from workers.app import app
 
 log = logging.getLogger("ferry.tasks")
 

@@ -20,7 +20,8 @@ from typing import TypeVar
 import redis
 
 from config.reference import canonical_registry
-from workers.cluster import keys
+from contract import keys
+from contract.redis_client import redis_client
 from workers.cluster.leases import Leases
 from workers.cluster.ledger import BlobLedger
 from workers.cluster.quota import QuotaBoard
@@ -71,9 +72,7 @@ class RedisCoordinator:
 
     @classmethod
     def from_url(cls, url: str, **kw: object) -> RedisCoordinator:
-        client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
-                                      health_check_interval=10)
-        return cls(client, **kw)  # type: ignore[arg-type]
+        return cls(redis_client(url), **kw)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self.renewer.close()

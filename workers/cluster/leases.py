@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import redis
 
-from workers.cluster import keys
+from contract import keys
 from workers.cluster.renewer import Renewer
 
 log = logging.getLogger(__name__)

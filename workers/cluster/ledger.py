@@ -10,7 +10,7 @@ import time
 
 import redis
 
-from workers.cluster import keys
+from contract import keys
 
 # Mount candidates tried per blob; more would only cost requests.
 MAX_LOCATIONS = 8

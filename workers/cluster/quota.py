@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import redis
 
-from workers.cluster import keys
+from contract import keys
 
 _REPORT = """
 local n = #KEYS - 1

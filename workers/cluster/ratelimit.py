@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import redis
 
-from workers.cluster import keys
+from contract import keys
 from workers.cluster.renewer import Renewer
 
 log = logging.getLogger(__name__)

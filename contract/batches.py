@@ -1,15 +1,7 @@
 """Batch records in Redis: what the producer enqueued and what each task reported.
 
-Any machine with the Redis URL can read a batch back (``producer status/report``).
-Keys (all expire after the result TTL):
-  ferry:batch:<id>:meta      BatchMeta JSON
-  ferry:batch:<id>:results   hash task_id -> SyncResult JSON (final outcome only)
-  ferry:batch:<id>:history   hash task_id -> SyncResult JSON of a failed task ``producer retry`` replaced
-  ferry:batch:<id>:progress  hash task_id -> bytes moved so far
-  ferry:batch:<id>:expected  hash task_id -> bytes the task will move in all, once its manifests are known
-  ferry:batch:<id>:state     hash task_id -> TaskState JSON (running, or waiting to retry) until the result
-  ferry:batch:<id>:cleanups  hash cleanup task_id -> CleanupResult JSON
-  ferry:batches              sorted set of batch ids by creation time
+Any machine with the Redis URL can read a batch back (``producer status/report``); the key
+layout is in ``contract.keys``.
 """
 
 from __future__ import annotations
@@ -17,16 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from config.jobs import BatchMeta, CleanupResult, SyncResult, TaskState
-
-PREFIX = "ferry:batch:"
-INDEX = "ferry:batches"
-
+from contract import keys
+from contract.redis_client import redis_client
 
 # HSET unless the field already holds a successful result.
 _KEEP_SUCCESS = """
@@ -37,10 +23,6 @@ if cur then
 end
 return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 """
-
-
-def _key(batch_id: str, part: str) -> str:
-    return f"{PREFIX}{batch_id}:{part}"
 
 
 @dataclass(frozen=True)
@@ -82,21 +64,15 @@ class BatchStore:
     def from_url(cls, url: str, ttl: int, *, ride_out: float = 0.0) -> BatchStore:
         """``ride_out``: seconds to keep retrying through a Redis outage (workers: a restart must
         not turn a finished copy into a lost outcome); 0 fails fast, as the producer wants."""
-        if ride_out <= 0:
-            return cls(redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10,
-                                            health_check_interval=10, retry_on_timeout=True), ttl)
-        retry = Retry(ExponentialBackoff(cap=2.0, base=0.2), retries=int(ride_out / 2) + 4)
-        return cls(redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10,
-                                        health_check_interval=10, retry=retry,
-                                        retry_on_error=[RedisConnectionError, RedisTimeoutError]), ttl)
+        return cls(redis_client(url, ride_out=ride_out), ttl)
 
     def close(self) -> None:
         self.r.close()
 
     def create(self, meta: BatchMeta) -> None:
         with self.r.pipeline() as p:
-            p.set(_key(meta.batch_id, "meta"), meta.model_dump_json(), ex=self.ttl)
-            p.zadd(INDEX, {meta.batch_id: meta.created_at})
+            p.set(keys.batch(meta.batch_id, "meta"), meta.model_dump_json(), ex=self.ttl)
+            p.zadd(keys.BATCH_INDEX, {meta.batch_id: meta.created_at})
             p.execute()
 
     def start_round(self, meta: BatchMeta, replaced: list[SyncResult]) -> None:
@@ -105,16 +81,16 @@ class BatchStore:
         b = meta.batch_id
         old = [r.task_id for r in replaced]
         with self.r.pipeline() as p:
-            p.set(_key(b, "meta"), meta.model_dump_json(), ex=self.ttl)
+            p.set(keys.batch(b, "meta"), meta.model_dump_json(), ex=self.ttl)
             if old:
-                p.hset(_key(b, "history"), mapping={r.task_id: r.model_dump_json() for r in replaced})
-                p.expire(_key(b, "history"), self.ttl)
+                p.hset(keys.batch(b, "history"), mapping={r.task_id: r.model_dump_json() for r in replaced})
+                p.expire(keys.batch(b, "history"), self.ttl)
                 for part in ("results", "progress", "expected", "state"):
-                    p.hdel(_key(b, part), *old)
+                    p.hdel(keys.batch(b, part), *old)
             p.execute()
 
     def meta(self, batch_id: str) -> BatchMeta | None:
-        raw = self.r.get(_key(batch_id, "meta"))
+        raw = self.r.get(keys.batch(batch_id, "meta"))
         return BatchMeta.model_validate_json(raw) if raw else None
 
     def record_result(self, result: SyncResult) -> None:
@@ -122,30 +98,30 @@ class BatchStore:
         second delivery of the task ("already up to date", or a late failure) cannot overwrite it."""
         b = result.batch_id
         with self.r.pipeline() as p:
-            p.eval(_KEEP_SUCCESS, 1, _key(b, "results"), result.task_id, result.model_dump_json())
-            p.hdel(_key(b, "state"), result.task_id)
+            p.eval(_KEEP_SUCCESS, 1, keys.batch(b, "results"), result.task_id, result.model_dump_json())
+            p.hdel(keys.batch(b, "state"), result.task_id)
             for part in ("results", "progress", "state"):
-                p.expire(_key(b, part), self.ttl)
+                p.expire(keys.batch(b, part), self.ttl)
             p.execute()
 
     def record_state(self, batch_id: str, task_id: str, state: TaskState) -> None:
         with self.r.pipeline() as p:
-            p.hset(_key(batch_id, "state"), task_id, state.model_dump_json(exclude_defaults=True))
-            p.expire(_key(batch_id, "state"), self.ttl)
+            p.hset(keys.batch(batch_id, "state"), task_id, state.model_dump_json(exclude_defaults=True))
+            p.expire(keys.batch(batch_id, "state"), self.ttl)
             p.execute()
 
     def set_progress(self, batch_id: str, task_id: str, nbytes: int, expected: int | None = None) -> None:
         parts = [("progress", nbytes)] + ([("expected", expected)] if expected is not None else [])
         with self.r.pipeline() as p:
             for part, value in parts:
-                p.hset(_key(batch_id, part), task_id, value)
-                p.expire(_key(batch_id, part), self.ttl)
+                p.hset(keys.batch(batch_id, part), task_id, value)
+                p.expire(keys.batch(batch_id, part), self.ttl)
             p.execute()
 
     def record_cleanup(self, batch_id: str, task_id: str, result: CleanupResult) -> None:
         with self.r.pipeline() as p:
-            p.hset(_key(batch_id, "cleanups"), task_id, result.model_dump_json())
-            p.expire(_key(batch_id, "cleanups"), self.ttl)
+            p.hset(keys.batch(batch_id, "cleanups"), task_id, result.model_dump_json())
+            p.expire(keys.batch(batch_id, "cleanups"), self.ttl)
             p.execute()
 
     def snapshot(self, batch_id: str, meta: BatchMeta | None = None) -> BatchSnapshot | None:
@@ -154,7 +130,7 @@ class BatchStore:
             return None
         with self.r.pipeline() as p:
             for part in ("results", "progress", "state", "cleanups", "history", "expected"):
-                p.hgetall(_key(batch_id, part))
+                p.hgetall(keys.batch(batch_id, part))
             results, progress, states, cleanups, history, expected = p.execute()
         return BatchSnapshot(
             meta=meta,
@@ -169,16 +145,16 @@ class BatchStore:
     def tally(self, batch_id: str) -> Tally:
         """Cheap enough to ask several times a second: no result is read or parsed."""
         with self.r.pipeline() as p:
-            p.hlen(_key(batch_id, "results"))
-            p.hgetall(_key(batch_id, "progress"))
-            p.hgetall(_key(batch_id, "expected"))
-            p.hgetall(_key(batch_id, "state"))
+            p.hlen(keys.batch(batch_id, "results"))
+            p.hgetall(keys.batch(batch_id, "progress"))
+            p.hgetall(keys.batch(batch_id, "expected"))
+            p.hgetall(keys.batch(batch_id, "state"))
             count, moved, expected, states = p.execute()
         return Tally(int(count), _ints(moved), _ints(expected),
                      {k.decode(): TaskState.model_validate_json(v) for k, v in states.items()})
 
     def recent(self, limit: int = 20) -> list[str]:
-        return [b.decode() for b in self.r.zrevrange(INDEX, 0, limit - 1)]
+        return [b.decode() for b in self.r.zrevrange(keys.BATCH_INDEX, 0, limit - 1)]
 
 
 def _ints(raw: dict[bytes, bytes]) -> dict[str, int]:

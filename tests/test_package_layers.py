@@ -1,0 +1,48 @@
+"""Packages import one way: the producer and the workers share only ``config`` and ``contract``;
+the engine and the cluster coordination never load Celery."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.support.imports import ROOT, dotted, imports, modules
+
+CELERY = ("celery", "kombu")
+
+
+def tops(package: str) -> dict[str, set[str]]:
+    """module -> top-level packages it imports."""
+    return {dotted(p): {n.split(".")[0] for n in imports(p)} for p in modules(ROOT / package)}
+
+
+def loaded_after_importing(packages: list[str]) -> set[str]:
+    """Top-level packages in sys.modules after importing every module of ``packages`` in a fresh
+    interpreter: catches what a module pulls in through another."""
+    names = [dotted(p) for pkg in packages for p in modules(ROOT / pkg) if p.name != "__main__.py"]
+    code = ("import importlib, json, sys\n"
+            f"for n in {names!r}: importlib.import_module(n)\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return set(json.loads(r.stdout))
+
+
+def test_producer_never_imports_workers() -> None:
+    for mod, found in tops("producer").items():
+        assert "workers" not in found, f"{mod} imports workers"
+    assert "workers" not in loaded_after_importing(["producer"])
+
+
+def test_contract_imports_only_config() -> None:
+    for mod, found in tops("contract").items():
+        assert not found & {"workers", "producer", *CELERY}, f"{mod} imports {found}"
+
+
+def test_engine_and_cluster_never_load_celery() -> None:
+    for pkg in ("workers/engine", "workers/cluster"):
+        for mod, found in tops(pkg).items():
+            assert not found & {"producer", *CELERY}, f"{mod} imports {found & {'producer', *CELERY}}"
+    loaded = loaded_after_importing(["workers/engine", "workers/cluster"])
+    assert not loaded & set(CELERY), sorted(loaded & set(CELERY))
