@@ -23,6 +23,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from config import defaults
+
 EngineName = Literal["registry", "docker"]
 
 
@@ -42,9 +44,9 @@ class RegistryConfig(BaseModel):
 class RetrySettings(BaseModel):
     """Retry budget for temporary registry errors (one owner: the transport layer)."""
 
-    attempts: PositiveInt = 6
-    base_delay: PositiveFloat = 0.5
-    max_delay: PositiveFloat = 30.0
+    attempts: PositiveInt = defaults.RETRY_ATTEMPTS
+    base_delay: PositiveFloat = defaults.RETRY_BASE_DELAY
+    max_delay: PositiveFloat = defaults.RETRY_MAX_DELAY
 
 
 class CacheSettings(BaseModel):
@@ -54,10 +56,10 @@ class CacheSettings(BaseModel):
     # Also cache single-destination syncs (by default only multi-target ones use the cache).
     single_target: bool = False
     dir: str = "~/.cache/ferry/blobs"
-    keep_duration: NonNegativeInt = 3600
-    keep_bytes: ByteSize = ByteSize(10 * 1024**3)
-    min_free_bytes: ByteSize = ByteSize(2 * 1024**3)
-    max_parallelism: PositiveInt = 4
+    keep_duration: NonNegativeInt = defaults.CACHE_KEEP_DURATION
+    keep_bytes: ByteSize = ByteSize(defaults.CACHE_KEEP_BYTES)
+    min_free_bytes: ByteSize = ByteSize(defaults.CACHE_MIN_FREE_BYTES)
+    max_parallelism: PositiveInt = defaults.CACHE_MAX_PARALLELISM
 
 
 class CoordinationSettings(BaseModel):
@@ -66,11 +68,11 @@ class CoordinationSettings(BaseModel):
     enabled: bool = True
     url: SecretStr | None = None
     # How long a blob stays known in the cluster ledger without being seen again.
-    ledger_ttl: PositiveInt = 24 * 3600
+    ledger_ttl: PositiveInt = defaults.LEDGER_TTL
     # Upload/manifest leases: renewed by their holder, taken over this long after it dies.
-    lease_ttl: PositiveFloat = 30.0
+    lease_ttl: PositiveFloat = defaults.LEASE_TTL
     # Pause a registry when its RateLimit-Remaining falls below this.
-    quota_floor: NonNegativeInt = 1
+    quota_floor: NonNegativeInt = defaults.QUOTA_FLOOR
 
 
 class FerrySettings(BaseSettings):
@@ -85,16 +87,16 @@ class FerrySettings(BaseSettings):
     engine: EngineName = "registry"
     node: str = Field(default_factory=socket.gethostname)
     concurrency: PositiveInt = 4
-    blob_concurrency: PositiveInt = 6
-    chunk_size: ByteSize = ByteSize(64 * 1024**2)
+    blob_concurrency: PositiveInt = defaults.BLOB_CONCURRENCY
+    chunk_size: ByteSize = ByteSize(defaults.CHUNK_SIZE)
     # Source blobs of at least range_threshold bytes are downloaded as this many Range
     # requests at once (0 or 1: one stream per blob).
-    range_parallel: NonNegativeInt = 4
-    range_threshold: ByteSize = ByteSize(16 * 1024**2)
+    range_parallel: NonNegativeInt = defaults.RANGE_PARALLEL
+    range_threshold: ByteSize = ByteSize(defaults.RANGE_THRESHOLD)
     visibility_timeout: PositiveInt = 7200
     # Per registry request: seconds to connect, and seconds without a byte before a read is a stall.
-    connect_timeout: PositiveFloat = 10.0
-    read_timeout: PositiveFloat = 60.0
+    connect_timeout: PositiveFloat = defaults.CONNECT_TIMEOUT
+    read_timeout: PositiveFloat = defaults.READ_TIMEOUT
     result_ttl: PositiveInt = 7 * 24 * 3600
     task_max_retries: NonNegativeInt = 3
     docker_config: str | None = None

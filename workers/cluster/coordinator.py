@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import redis
 
+from config import defaults
 from config.reference import canonical_registry
 from contract import keys
 from contract.redis_client import redis_client
@@ -31,8 +32,6 @@ from workers.cluster.renewer import Renewer
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_LEDGER_TTL = 24 * 3600.0
-DEFAULT_LEASE_TTL = 30.0
 # How stale this process's view of a quota pause may be for a registry without limits.
 PAUSE_RECHECK = 0.25
 # Docker Hub counts and throttles hard; unless configured otherwise stay well below it.
@@ -45,8 +44,8 @@ class RedisCoordinator:
         client: redis.Redis[bytes],
         *,
         owner: str | None = None,
-        ledger_ttl: float = DEFAULT_LEDGER_TTL,
-        lease_ttl: float = DEFAULT_LEASE_TTL,
+        ledger_ttl: float = defaults.LEDGER_TTL,
+        lease_ttl: float = defaults.LEASE_TTL,
         limits: Mapping[str, Limit] | None = None,
         credential_counts: Mapping[str, int] | None = None,
     ) -> None:

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from config import defaults
 from config.reference import Reference
 from workers.engine.blob_endpoints import blob_exists, mount_blob
 from workers.engine.blob_reader import BlobReader, CacheTee, file_opener, remote_opener
@@ -22,7 +23,7 @@ from workers.engine.errors import RegistryError
 from workers.engine.local_coordinator import BlobTracker, LocalCoordinator
 from workers.engine.manifests import Descriptor
 from workers.engine.protocols import Coordinator, ProgressFn
-from workers.engine.ranges import DEFAULT_THRESHOLD, MIN_LATENCY, RangeFetcher
+from workers.engine.ranges import MIN_LATENCY, RangeFetcher
 from workers.engine.transport import RegistryTransport
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
 MAX_MOUNT_TRIES = 3
 
 Action = Literal["skipped", "mounted", "copied"]
@@ -51,12 +51,12 @@ class BlobCopier:
         self,
         transport: RegistryTransport,
         *,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int = defaults.CHUNK_SIZE,
         cache: BlobCache | None = None,
         tracker: BlobTracker | None = None,
         coordinator: Coordinator | None = None,
         range_parallel: int = 0,
-        range_threshold: int = DEFAULT_THRESHOLD,
+        range_threshold: int = defaults.RANGE_THRESHOLD,
         range_min_latency: float = MIN_LATENCY,
     ) -> None:
         """``range_parallel`` > 1 downloads source blobs of at least ``range_threshold`` bytes

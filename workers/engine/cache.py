@@ -29,6 +29,7 @@ from typing import BinaryIO
 
 from typing_extensions import Buffer
 
+from config import defaults
 from config.reference import DIGEST_RE
 from workers.engine.errors import DigestMismatch
 
@@ -45,11 +46,11 @@ class CacheDigestMismatch(DigestMismatch):
 
 @dataclass(frozen=True)
 class CachePolicy:
-    keep_duration: float = 3600.0
-    keep_bytes: int = 10 * 1024**3
-    min_free_bytes: int = 2 * 1024**3
+    keep_duration: float = defaults.CACHE_KEEP_DURATION
+    keep_bytes: int = defaults.CACHE_KEEP_BYTES
+    min_free_bytes: int = defaults.CACHE_MIN_FREE_BYTES
     # How many blobs the engine may fill concurrently on this node (advisory).
-    max_parallelism: int = 4
+    max_parallelism: int = defaults.CACHE_MAX_PARALLELISM
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from config import defaults
 from config.reference import Reference
 from workers.engine.blob_endpoints import get_blob
 from workers.engine.blob_reader import Opener, Stream
@@ -39,8 +40,6 @@ from workers.engine.transport import RegistryTransport
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PARALLEL = 4
-DEFAULT_THRESHOLD = 16 * 1024 * 1024
 # Parts below 1 MiB spend more of their time on the request round trip than on bytes.
 MIN_PART = 1024 * 1024
 # Memory per blob is at most parallel * MAX_PART (16 MiB by default). At 64 Mbit/s and
@@ -90,8 +89,8 @@ class RangeFetcher:
     so do hosts that answer within ``min_latency`` seconds (0: ranges whatever the distance).
     """
 
-    def __init__(self, transport: RegistryTransport, *, parallel: int = DEFAULT_PARALLEL,
-                 threshold: int = DEFAULT_THRESHOLD, min_latency: float = MIN_LATENCY) -> None:
+    def __init__(self, transport: RegistryTransport, *, parallel: int = defaults.RANGE_PARALLEL,
+                 threshold: int = defaults.RANGE_THRESHOLD, min_latency: float = MIN_LATENCY) -> None:
         self.transport = transport
         self.parallel = parallel
         self.threshold = threshold

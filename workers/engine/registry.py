@@ -12,16 +12,16 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from config import defaults
 from config.jobs import SyncJob, SyncResult
 from config.platform import Platform
 from config.reference import Reference, canonical_registry
-from workers.engine.blobs import DEFAULT_CHUNK_SIZE, BlobCopier
+from workers.engine.blobs import BlobCopier
 from workers.engine.cache import BlobCache
 from workers.engine.copy import CopyOutcome, copy_image
 from workers.engine.errors import DigestMismatch, NotFound, RegistryError
 from workers.engine.keychain import Keychain
 from workers.engine.protocols import Coordinator, ProgressFn
-from workers.engine.ranges import DEFAULT_PARALLEL, DEFAULT_THRESHOLD
 from workers.engine.retry import RetryPolicy
 from workers.engine.transport import DEFAULT_USER_AGENT, MAX_CONNECTIONS_PER_HOST, RegistryTransport
 
@@ -34,13 +34,13 @@ QUOTA_WARN_FRACTION = 0.1
 @dataclass(frozen=True)
 class RegistryOptions:
     insecure_registries: tuple[str, ...] = ()
-    blob_concurrency: int = 6
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    retry_attempts: int = 6
-    retry_base_delay: float = 0.5
-    retry_max_delay: float = 30.0
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
+    blob_concurrency: int = defaults.BLOB_CONCURRENCY
+    chunk_size: int = defaults.CHUNK_SIZE
+    retry_attempts: int = defaults.RETRY_ATTEMPTS
+    retry_base_delay: float = defaults.RETRY_BASE_DELAY
+    retry_max_delay: float = defaults.RETRY_MAX_DELAY
+    connect_timeout: float = defaults.CONNECT_TIMEOUT
+    read_timeout: float = defaults.READ_TIMEOUT
     user_agent: str = DEFAULT_USER_AGENT
     max_connections_per_host: int = MAX_CONNECTIONS_PER_HOST
     # Keep blobs in the node cache even for one destination (retries and later batches hit it).
@@ -49,11 +49,11 @@ class RegistryOptions:
     # first, in order; the origin when a mirror fails or lacks the image.
     mirrors: Mapping[str, list[str]] = field(default_factory=dict)
     # Pause a registry for the cluster when RateLimit-Remaining falls below this.
-    quota_floor: int = 1
+    quota_floor: int = defaults.QUOTA_FLOOR
     # Source blobs of at least range_threshold bytes come as this many Range requests at
     # once (0/1: one stream), for registries that cap each connection's throughput.
-    range_parallel: int = DEFAULT_PARALLEL
-    range_threshold: int = DEFAULT_THRESHOLD
+    range_parallel: int = defaults.RANGE_PARALLEL
+    range_threshold: int = defaults.RANGE_THRESHOLD
 
 
 # What a pull-through mirror answers for content it does not hold (or holds damaged).

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from config import defaults
 from workers.engine.errors import RateLimited, RegistryError
 
 T = TypeVar("T")
@@ -24,9 +25,9 @@ RETRY_AFTER_CAP = 60.0
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    attempts: int = 6
-    base_delay: float = 0.5
-    max_delay: float = 30.0
+    attempts: int = defaults.RETRY_ATTEMPTS
+    base_delay: float = defaults.RETRY_BASE_DELAY
+    max_delay: float = defaults.RETRY_MAX_DELAY
     sleep: Callable[[float], None] = field(default=time.sleep, compare=False, repr=False)
     rand: Callable[[], float] = field(default=random.random, compare=False, repr=False)
 

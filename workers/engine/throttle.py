@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import httpx
 
+from config import defaults
 from workers.engine.errors import parse_retry_after
 from workers.engine.protocols import Coordinator
 
@@ -82,7 +83,7 @@ class _ReleasingStream(httpx.SyncByteStream):
 
 class ThrottledTransport(httpx.BaseTransport):
     def __init__(self, inner: httpx.BaseTransport, host: str, coordinator: Coordinator, *,
-                 quota_floor: int = 1) -> None:
+                 quota_floor: int = defaults.QUOTA_FLOOR) -> None:
         self.inner = inner
         self.host = host
         self.coordinator = coordinator

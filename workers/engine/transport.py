@@ -14,9 +14,11 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import httpx
 
+from config import defaults
 from config.reference import host_is_loopback
 from workers.engine.auth import RegistryAuth
 from workers.engine.errors import RegistryError, error_from_response, transport_error
@@ -26,8 +28,7 @@ from workers.engine.retry import RetryPolicy
 from workers.engine.throttle import ThrottledTransport, quota_number
 from workers.engine.tls import client_context
 
-VERSION = "0.1.0"
-DEFAULT_USER_AGENT = f"ferry/{VERSION}"
+DEFAULT_USER_AGENT = f"ferry/{version('ferry')}"
 # Room for blob_concurrency (6) downloads * range parts (4) plus manifests and uploads to
 # the same host, so no request waits out the pool timeout behind ranged parts.
 MAX_CONNECTIONS_PER_HOST = 32
@@ -59,12 +60,12 @@ class RegistryTransport:
         keychain: Keychain | None = None,
         insecure_registries: Iterable[str] = (),
         retry: RetryPolicy | None = None,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
+        connect_timeout: float = defaults.CONNECT_TIMEOUT,
+        read_timeout: float = defaults.READ_TIMEOUT,
         user_agent: str = DEFAULT_USER_AGENT,
         max_connections: int = MAX_CONNECTIONS_PER_HOST,
         coordinator: Coordinator | None = None,
-        quota_floor: int = 1,
+        quota_floor: int = defaults.QUOTA_FLOOR,
     ) -> None:
         self.keychain: Keychain = keychain or AnonymousKeychain()
         self.insecure = frozenset(insecure_registries)
