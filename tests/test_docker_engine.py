@@ -10,6 +10,7 @@ import docker
 import pytest
 
 from config.jobs import SyncJob, SyncResult
+from tests.support.docker_engine import images_for
 from tests.support.dockerd import Dockerd
 from tests.support.htpasswd import write_htpasswd
 from tests.support.images import Image, Pusher, push_image
@@ -113,7 +114,7 @@ def test_five_images_sync_pull_back_and_clean_up(
             assert progress.total == res.bytes_downloaded + res.bytes_uploaded
             moved[0] += res.bytes_downloaded
             moved[1] += res.bytes_uploaded
-            assert res.local_refs == engine.images_for(j)
+            assert res.local_refs == images_for(engine, j)
             for ref in res.local_refs:
                 created.add(client.images.get(ref).id)
             refs += res.local_refs
@@ -125,7 +126,7 @@ def test_five_images_sync_pull_back_and_clean_up(
 
         assert moved[0] > 0 and moved[1] > 0
         assert any(f"{src.host}/lib/multi" in t for tags in local_ids(client).values() for t in tags)
-        stats = engine.cleanup(3600.0, remove=refs)
+        stats = engine.cleanup(remove=refs)
         assert stats.errors == ()
         assert stats.freed_items >= len(images) and stats.freed_bytes > 0
         assert_gone(client, created, src.host, dst.host)
@@ -160,7 +161,7 @@ def test_several_platforms_push_one_tag_per_platform(
         assert arches == {"amd64", "arm64"}
         ids = {client.images.get(ref).id for ref in res.local_refs}
 
-        stats = engine.cleanup(3600.0, remove=engine.images_for(j))
+        stats = engine.cleanup(remove=images_for(engine, j))
         assert stats.errors == () and stats.freed_items >= 2
         assert_gone(client, ids, src.host, dst.host)
     finally:
@@ -179,7 +180,7 @@ def test_index_without_platform_filter_copies_the_default_platform_and_warns(
         assert any("copied only linux/amd64" in w for w in res.warnings)
         assert dst.manifest_digest("m/idx", "v1") == res.destinations[0].digest
     finally:
-        engine.cleanup(3600.0, remove=engine.images_for(j))
+        engine.cleanup(remove=images_for(engine, j))
         engine.close()
 
 
@@ -241,7 +242,7 @@ def test_temporary_push_failure_is_retried_until_the_registry_is_back(
         assert res.error is not None and "connection refused" in res.error
         assert res.destinations[0].status == "failed"
     finally:
-        engine.cleanup(3600.0, remove=engine.images_for(j))
+        engine.cleanup(remove=images_for(engine, j))
         engine.close()
 
 
@@ -267,7 +268,7 @@ def test_credentials_are_used_but_never_reported(
             assert password not in text and "pw-Zq81" not in text
             assert SyncResult.model_validate_json(text) == res
     finally:
-        good.cleanup(3600.0, remove=good.images_for(j))
+        good.cleanup(remove=images_for(good, j))
         good.close()
         wrong.close()
 
@@ -275,14 +276,15 @@ def test_credentials_are_used_but_never_reported(
 def test_unreachable_daemon_is_a_temporary_failure(tmp_path: Path, src: Registry) -> None:
     sleeps = Sleeps()
     engine = DockerEngine(
-        f"unix://{tmp_path}/no-daemon.sock", AnonymousKeychain(), attempts=3, base_delay=0.05, sleep=sleeps
+        f"unix://{tmp_path}/no-daemon.sock", AnonymousKeychain(), attempts=3, base_delay=0.05, sleep=sleeps,
+        keep_duration=60.0,
     )
     try:
         res = engine.sync(job(f"{src.host}/lib/any:v1", f"{src.host}/m/any:v1"), Counter())
         assert res.status == "failed" and res.temporary and res.error_code == "TransportError"
         assert res.error is not None and "docker daemon" in res.error
         assert len(sleeps) == 2
-        stats = engine.cleanup(60.0, remove=[f"{src.host}/m/any:v1"])
+        stats = engine.cleanup(remove=[f"{src.host}/m/any:v1"])
         assert stats.freed_items == 0 and stats.errors and "docker daemon" in stats.errors[0]
     finally:
         engine.close()

@@ -35,7 +35,7 @@ def test_producer_never_imports_workers() -> None:
     assert "workers" not in loaded_after_importing(["producer"])
 
 
-def test_contract_imports_only_config() -> None:
+def test_contract_imports_neither_side_nor_celery() -> None:
     for mod, found in tops("contract").items():
         assert not found & {"workers", "producer", *CELERY}, f"{mod} imports {found}"
 

@@ -137,10 +137,12 @@ def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = 
             attempts=s.retry.attempts,
             base_delay=s.retry.base_delay,
             max_delay=s.retry.max_delay,
+            keep_duration=float(s.cache.keep_duration),
             busy_lock=cache_dir(s) / "docker.lock",
         )
     if name == "registry":
-        cache = BlobCache(cache_dir(s), cache_policy(s)) if s.cache.enabled else None
+        # Built even when copies bypass it: cleanup still applies the policy to what is there.
+        cache = BlobCache(cache_dir(s), cache_policy(s))
         options = RegistryOptions(
             insecure_registries=tuple(s.insecure_registries)
             + tuple(h for h, r in s.registries.items() if r.insecure),
@@ -153,6 +155,7 @@ def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = 
             read_timeout=s.read_timeout,
             mirrors={h: list(r.mirrors) for h, r in s.registries.items() if r.mirrors},
             quota_floor=s.coordination.quota_floor,
+            use_cache=s.cache.enabled,
             cache_single_target=s.cache.single_target,
             range_parallel=s.range_parallel,
             range_threshold=int(s.range_threshold),
@@ -173,12 +176,7 @@ def cache_policy(s: FerrySettings) -> CachePolicy:
 def run_cleanup(engine_name: str, remove: list[str], for_task: str | None) -> CleanupResult:
     """Apply this node's disk policy for one engine and say what it freed."""
     s = settings()
-    if engine_name == "docker":
-        eng = engine("docker")
-        assert isinstance(eng, DockerEngine)
-        stats = eng.cleanup(float(s.cache.keep_duration), remove=remove)
-    else:
-        stats = BlobCache(cache_dir(s), cache_policy(s)).cleanup()
+    stats = engine(engine_name).cleanup(remove)
     return CleanupResult(
         node=s.node,
         engine=engine_name,

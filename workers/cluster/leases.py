@@ -51,10 +51,6 @@ class Leases:
         # Long enough for every waiter to notice; the ledger remembers the rest.
         return max(60_000, 2 * self.ttl_ms)
 
-    def holder(self, key: str) -> str | None:
-        value = self.client.get(key)
-        return value.decode() if isinstance(value, bytes) else value
-
     @contextlib.contextmanager
     def hold(self, key: str) -> Iterator[bool]:
         """True: held until exit (``done`` marked when the block ends without an error).

@@ -5,8 +5,8 @@ platforms, job models); tests/test_engine_layers.py holds the same table and che
 every module against it:
 
     0  errors, protocols, tls, local_coordinator
-    1  retry, cache, throttle, keychain, challenges
-    2  auth
+    1  retry, cache, throttle, keychain, challenges, results
+    2  auth, docker_daemon
     3  transport
     4  manifests, blob_endpoints
     5  blob_reader

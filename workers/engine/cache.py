@@ -23,7 +23,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,6 +32,7 @@ from typing_extensions import Buffer
 from config import defaults
 from config.reference import DIGEST_RE
 from workers.engine.errors import DigestMismatch
+from workers.engine.protocols import CleanupStats
 
 _TMP_PREFIX = ".tmp-"
 # A temp file untouched this long belongs to a writer that died.
@@ -51,15 +52,6 @@ class CachePolicy:
     min_free_bytes: int = defaults.CACHE_MIN_FREE_BYTES
     # How many blobs the engine may fill concurrently on this node (advisory).
     max_parallelism: int = defaults.CACHE_MAX_PARALLELISM
-
-
-@dataclass(frozen=True)
-class CleanupStats:
-    freed_bytes: int = 0
-    freed_items: int = 0
-    kept_bytes: int = 0
-    kept_items: int = 0
-    errors: tuple[str, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True, order=True)
@@ -142,13 +134,6 @@ class BlobCache:
         except FileNotFoundError:
             return None
         return path
-
-    def usage(self) -> tuple[int, int]:
-        total = items = 0
-        for _, size, _ in self._entries():
-            total += size
-            items += 1
-        return total, items
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from config.jobs import SyncJob, SyncResult
@@ -12,14 +13,29 @@ from config.jobs import SyncJob, SyncResult
 ProgressFn = Callable[[int], None]
 
 
+@dataclass(frozen=True)
+class CleanupStats:
+    """What one cleanup freed on this node, and what it kept."""
+
+    freed_bytes: int = 0
+    freed_items: int = 0
+    kept_bytes: int = 0
+    kept_items: int = 0
+    errors: tuple[str, ...] = field(default_factory=tuple)
+
+
 class Engine(Protocol):
-    """Copies one image to each of its destinations."""
+    """Copies one image to each of its destinations, and keeps the node's disk in check."""
 
     name: str
 
     def sync(self, job: SyncJob, progress: ProgressFn, *, expect: ProgressFn | None = None) -> SyncResult:
         """``progress`` gets bytes as they move; ``expect`` (when given) the bytes the image will
         move once its manifests are known, less whatever turns out to be there already."""
+        ...
+
+    def cleanup(self, remove: Sequence[str] = ()) -> CleanupStats:
+        """Apply the node's disk policy; ``remove``: local images a sync left behind (``local_refs``)."""
         ...
 
     def close(self) -> None: ...

@@ -7,8 +7,7 @@ and whether trying later may help; only programming errors raise.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -21,7 +20,8 @@ from workers.engine.cache import BlobCache
 from workers.engine.copy import CopyOutcome, copy_image
 from workers.engine.errors import DigestMismatch, NotFound, RegistryError
 from workers.engine.keychain import Keychain
-from workers.engine.protocols import Coordinator, ProgressFn
+from workers.engine.protocols import CleanupStats, Coordinator, ProgressFn
+from workers.engine.results import sync_result
 from workers.engine.retry import RetryPolicy
 from workers.engine.transport import DEFAULT_USER_AGENT, MAX_CONNECTIONS_PER_HOST, RegistryTransport
 
@@ -43,6 +43,9 @@ class RegistryOptions:
     read_timeout: float = defaults.READ_TIMEOUT
     user_agent: str = DEFAULT_USER_AGENT
     max_connections_per_host: int = MAX_CONNECTIONS_PER_HOST
+    # Copy through the node cache when one is given; off, the cache is only cleaned up (it still
+    # holds what earlier runs left).
+    use_cache: bool = True
     # Keep blobs in the node cache even for one destination (retries and later batches hit it).
     cache_single_target: bool = False
     # Pull-through mirrors per source registry (``docker.io`` → ``["mirror:5000"]``): tried
@@ -98,31 +101,33 @@ class RegistryEngine:
             coordinator=coordinator,
             quota_floor=o.quota_floor,
         )
-        self.blobs = BlobCopier(self.transport, chunk_size=o.chunk_size, cache=cache, coordinator=coordinator,
+        self.cache = cache
+        self.blobs = BlobCopier(self.transport, chunk_size=o.chunk_size, cache=cache if o.use_cache else None,
+                                coordinator=coordinator,
                                 range_parallel=o.range_parallel, range_threshold=o.range_threshold)
         self._executor = ThreadPoolExecutor(max_workers=o.blob_concurrency, thread_name_prefix="ferry-blob")
 
     def sync(self, job: SyncJob, progress: ProgressFn, *, expect: ProgressFn | None = None) -> SyncResult:
-        started = time.time()
-        t0 = time.monotonic()
-        result = SyncResult(batch_id=job.batch_id, source=job.source, status="failed", engine=self.name,
-                            started_at=started, line=job.line)
         try:
             src = Reference.parse(job.source)
             dsts = [Reference.parse(d) for d in job.destinations]
             platforms = [Platform.parse(p) for p in job.platforms]
         except ValueError as exc:
-            return result.model_copy(update={"error": str(exc), "error_code": "INVALID_REFERENCE",
-                                             "duration_s": time.monotonic() - t0})
+            return sync_result(job, self.name, failures=[exc])
         try:
             outcome = self._copy_via_mirrors(src, dsts, platforms, progress, expect)
         except RegistryError as exc:
             exc.with_reference(src)
             log.debug("sync of %s failed: %s", src, exc)  # the task layer logs the outcome once
-            return result.model_copy(update={
-                "error": exc.reason(src), "error_code": exc.code, "temporary": exc.temporary,
-                "duration_s": time.monotonic() - t0, "warnings": self._warnings(src)})
-        return self._finish(result, outcome, src, t0)
+            return sync_result(job, self.name, failures=[exc], warnings=self._warnings(src))
+        return sync_result(job, self.name, failures=list(outcome.failures.values()),
+                           destinations=outcome.destinations, source_digest=outcome.source_digest,
+                           bytes_downloaded=outcome.bytes_downloaded, bytes_uploaded=outcome.bytes_uploaded,
+                           warnings=self._warnings(src))
+
+    def cleanup(self, remove: Sequence[str] = ()) -> CleanupStats:
+        """Apply the cache policy; the registry engine leaves no local images to ``remove``."""
+        return self.cache.cleanup() if self.cache is not None else CleanupStats()
 
     def sources(self, src: Reference) -> list[Reference]:
         """Where to read ``src`` from: its registry's mirrors first, then the registry."""
@@ -159,31 +164,6 @@ class RegistryEngine:
         return copy_image(self.transport, self.blobs, self._executor, src, dsts,
                           platforms=platforms, progress=progress, expect=expect,
                           cache_single_target=self.options.cache_single_target)
-
-    def _finish(self, result: SyncResult, outcome: CopyOutcome, src: Reference, t0: float) -> SyncResult:
-        failures = list(outcome.failures.values())
-        statuses = {d.status for d in outcome.destinations}
-        if failures:
-            status = "failed"
-        elif statuses == {"up_to_date"}:
-            status = "up_to_date"
-        else:
-            status = "synced"
-        first = failures[0] if failures else None
-        return result.model_copy(update={
-            "status": status,
-            "source_digest": outcome.source_digest,
-            "destinations": outcome.destinations,
-            "bytes_downloaded": outcome.bytes_downloaded,
-            "bytes_uploaded": outcome.bytes_uploaded,
-            "error": "; ".join(f"{d.destination}: {d.error}" for d in outcome.destinations
-                               if d.status == "failed") or None,
-            "error_code": first.code if first else None,
-            # Retrying helps only when every failure may pass.
-            "temporary": bool(failures) and all(f.temporary for f in failures),
-            "duration_s": time.monotonic() - t0,
-            "warnings": self._warnings(src),
-        })
 
     def _warnings(self, src: Reference) -> list[str]:
         quota = self.transport.quota(src.api_host)
