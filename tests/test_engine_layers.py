@@ -23,6 +23,7 @@ RANKS = {
     "keychain": 1,
     "challenges": 1,
     "results": 1,
+    "docker_plan": 1,
     "auth": 2,
     "docker_daemon": 2,
     "transport": 3,

@@ -5,7 +5,7 @@ platforms, job models); tests/test_engine_layers.py holds the same table and che
 every module against it:
 
     0  errors, protocols, tls, local_coordinator
-    1  retry, cache, throttle, keychain, challenges, results
+    1  retry, cache, throttle, keychain, challenges, results, docker_plan
     2  auth, docker_daemon
     3  transport
     4  manifests, blob_endpoints

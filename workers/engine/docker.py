@@ -15,8 +15,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,7 +26,6 @@ import requests.exceptions
 from config import defaults
 from config.jobs import DestinationResult, SyncJob, SyncResult
 from config.platform import Platform
-from config.reference import Reference
 from workers.engine.docker_daemon import (
     Tally,
     auth_config,
@@ -39,7 +37,8 @@ from workers.engine.docker_daemon import (
     secrets_of,
     what_is_missing,
 )
-from workers.engine.errors import InvalidRequest, ManifestError, NotFound, RegistryError, TransportError
+from workers.engine.docker_plan import Plan, Target, plan_sync
+from workers.engine.errors import ManifestError, NotFound, RegistryError, TransportError
 from workers.engine.keychain import Credential, Keychain
 from workers.engine.protocols import CleanupStats, ProgressFn
 from workers.engine.results import sync_result
@@ -51,41 +50,6 @@ LIMITS_WARNING = (
     "docker engine: layers were re-compressed on push and each tag holds a single platform, "
     "so destination digests differ from the source's"
 )
-
-
-def platform_tag(tag: str, platform: Platform) -> str:
-    """``v1`` + ``linux/arm64/v8`` -> ``v1-linux-arm64-v8`` (tags allow at most 128 characters)."""
-    parts = [tag, platform.os, platform.architecture] + ([platform.variant] if platform.variant else [])
-    return "-".join(parts)[:128]
-
-
-@dataclass(frozen=True)
-class _Target:
-    """One tag pushed for one platform."""
-
-    destination: Reference  # as given in the job
-    name: str  # registry/repository
-    tag: str
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}:{self.tag}"
-
-
-@dataclass(frozen=True)
-class _Plan:
-    source: Reference
-    pull_ref: str  # what the daemon names the pulled image
-    platforms: tuple[Platform, ...]
-    explicit: bool  # platforms came from the job, not the default
-    targets: Mapping[Platform, tuple[_Target, ...]]
-
-    @property
-    def local_refs(self) -> list[str]:
-        refs = [self.pull_ref]
-        for ts in self.targets.values():
-            refs += [t.ref for t in ts]
-        return list(dict.fromkeys(refs))
 
 
 class DockerEngine:
@@ -165,29 +129,6 @@ class DockerEngine:
 
         return self._retry.call(attempt, what=f"{what} {reference}")
 
-    # -- planning --------------------------------------------------------------------
-
-    def _plan(self, job: SyncJob) -> _Plan:
-        src = Reference.parse(job.source)
-        explicit = bool(job.platforms)
-        platforms = tuple(dict.fromkeys(Platform.parse(p) for p in job.platforms)) or (self.default_platform,)
-        pull_ref = f"{src.name}@{src.digest}" if src.digest else f"{src.name}:{src.tag}"
-        targets: dict[Platform, tuple[_Target, ...]] = {}
-        dsts = [Reference.parse(d) for d in job.destinations]
-        for p in platforms:
-            ts = []
-            for d in dsts:
-                tag = d.tag or (src.tag if d.digest is None else None)
-                if tag is None:
-                    raise InvalidRequest(
-                        f"cannot push to {d}: the docker engine pushes tags, give the destination a tag"
-                    )
-                if len(platforms) > 1:
-                    tag = platform_tag(tag, p)
-                ts.append(_Target(d, d.name, tag))
-            targets[p] = tuple(ts)
-        return _Plan(src, pull_ref, platforms, explicit, targets)
-
     # -- sync ------------------------------------------------------------------------
 
     def sync(self, job: SyncJob, progress: ProgressFn, *, expect: ProgressFn | None = None) -> SyncResult:
@@ -216,7 +157,7 @@ class DockerEngine:
 
     def _sync(self, job: SyncJob, progress: ProgressFn) -> SyncResult:
         try:
-            plan = self._plan(job)
+            plan = plan_sync(job, self.default_platform)
         except (ValueError, RegistryError) as e:
             return sync_result(job, self.name, failures=[e])
         done = functools.partial(sync_result, job, self.name, local_refs=plan.local_refs)
@@ -274,7 +215,7 @@ class DockerEngine:
             warnings=warnings,
         )
 
-    def _platform_warnings(self, plan: _Plan, available: list[dict[str, Any]]) -> list[str]:
+    def _platform_warnings(self, plan: Plan, available: list[dict[str, Any]]) -> list[str]:
         names = [platform_name(p) for p in available]
         if plan.explicit:
             missing = [str(p) for p in plan.platforms if available and not any(p.matches(a) for a in available)]
@@ -291,7 +232,7 @@ class DockerEngine:
             ]
         return []
 
-    def _pull(self, plan: _Plan, platform: Platform, cred: Credential | None, tally: Tally, secrets: list[str]) -> str:
+    def _pull(self, plan: Plan, platform: Platform, cred: Credential | None, tally: Tally, secrets: list[str]) -> str:
         """Pull one platform; returns the local image ID."""
         src = plan.source
         repo, ref = src.name, (src.digest or src.tag)
@@ -323,7 +264,7 @@ class DockerEngine:
 
     def _push(
         self,
-        t: _Target,
+        t: Target,
         image_id: str,
         cred: Credential | None,
         progress: ProgressFn,
