@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 from pydantic import ValidationError
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime.configure(settings)
     if args.command == "flower":
         return _flower(app, args)
+    _keep_tasks_through_reconnects()
     app.steps["consumer"].add(make_upkeep_step(runtime.upkeep_config(settings)))
     runtime.preload()
     pool = ["--autoscale", settings.autoscale] if settings.autoscale else \
@@ -90,6 +92,17 @@ def main(argv: list[str] | None = None) -> int:
         "--task-events",
     ])
     return 0
+
+
+def _keep_tasks_through_reconnects() -> None:
+    """Celery warns on every broker reconnect that it will start cancelling running tasks in 6.0.
+    ferry sets worker_cancel_long_running_tasks_on_connection_loss=False on purpose: a copy in
+    flight finishes and its outcome write rides out the outage, where a cancelled one would wait
+    for the visibility timeout (hours) to run again. The choice is explicit, so the notice is noise."""
+    from celery.exceptions import CPendingDeprecationWarning
+
+    warnings.filterwarnings("ignore", category=CPendingDeprecationWarning,
+                            message=r"\s*In Celery 5\.1 we introduced an optional breaking change")
 
 
 def _flower(app: Any, args: argparse.Namespace) -> int:
