@@ -17,15 +17,19 @@ def free_port() -> int:
 
 
 def wait_until(pred: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    """Poll ``pred`` until it is true; on timeout say what was awaited and how it last failed."""
     deadline = time.monotonic() + timeout
+    last: Exception | None = None
     while time.monotonic() < deadline:
         try:
             if pred():
                 return
-        except Exception:
-            pass
+            last = None
+        except Exception as e:  # not ready yet (a server still starting, a key not written)
+            last = e
         time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+    why = f"; last attempt raised {type(last).__name__}: {last}" if last is not None else ""
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}{why}") from last
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
