@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from config.settings import FerrySettings, describe_validation_error
 from producer.listfile import ListFileError, parse_list
 from producer.mapping import Target, map_destinations
 from producer.report import Summary, as_json, render, summarize
+from producer.standalone import Stopped
 
 if TYPE_CHECKING:  # imported lazily at run time, so bad input is reported before Celery loads
     from celery import Celery
@@ -74,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         return USAGE
+    except Stopped as e:
+        err.print(f"stopped by {e}", soft_wrap=True)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        err.print("interrupted", soft_wrap=True)
+        return 128 + signal.SIGINT
 
 
 def _settings(args: argparse.Namespace) -> FerrySettings:
@@ -112,7 +120,8 @@ def cmd_enqueue(args: argparse.Namespace, settings: FerrySettings, out: Console,
         err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
     batch_id = new_batch_id()
     jobs = build_jobs(batch_id, mapped, settings.engine)
-    if settings.broker_url is None and not args.wait:
+    standalone = settings.broker_url is None
+    if standalone and not args.wait:
         raise UsageError("FERRY_BROKER_URL is not set: set it to enqueue to a cluster, "
                          "or add --wait to run standalone on this machine")
     with _broker(settings, err) as settings:
@@ -123,7 +132,8 @@ def cmd_enqueue(args: argparse.Namespace, settings: FerrySettings, out: Console,
             if not args.wait:
                 out.print(batch_id)
                 return 0
-            return _wait_and_report(store, meta, args, out, err)
+            # The local worker stops with this command: its cleanups must land before it does.
+            return _wait_and_report(store, meta, args, out, err, cleanups=standalone)
         finally:
             store.close()
 
@@ -165,15 +175,21 @@ def _safe_url(url: str) -> str:
 
 
 def _wait_and_report(store: BatchStore, meta: BatchMeta, args: argparse.Namespace, out: Console, err: Console,
-                     task_ids: list[str] | None = None, title: str | None = None) -> int:
-    """Watch ``task_ids`` (default: the whole batch) and sum up their own bytes, time and rate."""
-    from producer.progress import wait_for_batch
+                     task_ids: list[str] | None = None, title: str | None = None, cleanups: bool = False) -> int:
+    """Watch ``task_ids`` (default: the whole batch) and sum up their own bytes, time and rate; with
+    ``cleanups``, wait for the cleanups their results name too."""
+    from producer.progress import wait_for_batch, wait_for_cleanups
 
     watch = task_ids or meta.task_ids
     started = time.monotonic()
     snap = wait_for_batch(store, meta, err, task_ids=watch, timeout=args.timeout)
-    summary = summarize(snap, task_ids=watch, elapsed=time.monotonic() - started)
-    render(out, snap, summary, title=title)
+    elapsed = time.monotonic() - started
+    if cleanups:
+        left = None if args.timeout is None else max(0.0, args.timeout - elapsed)
+        snap = wait_for_cleanups(store, snap, err, timeout=left)
+    summary = summarize(snap, task_ids=watch, elapsed=elapsed)
+    # Each failure was printed as it happened: the summary counts them without repeating the reasons.
+    render(out, snap, summary, title=title, failures_shown=True)
     if task_ids is not None:
         whole = summarize(snap)
         out.print(f"batch {meta.batch_id} now: {_counts(whole)}", highlight=False, soft_wrap=True)
@@ -228,6 +244,8 @@ def cmd_status(args: argparse.Namespace, settings: FerrySettings, out: Console, 
             "synced": summary.synced, "up_to_date": summary.up_to_date, "failed": summary.failed,
             "running": len(running), "retrying": len(retrying),
             "queued": queued, "bytes_moved": moved,
+            "cleanups_done": summary.cleanups_done, "cleanups_expected": summary.cleanups_expected,
+            "freed_bytes": summary.freed_bytes,
             "failed_images": [{"line": r.line, "source": r.source, "error": r.error} for r in summary.failures],
             "retrying_images": [{"line": jobs[t].line, "source": jobs[t].source, **snap.states[t].model_dump()}
                                 for t in retrying],
@@ -239,7 +257,11 @@ def cmd_status(args: argparse.Namespace, settings: FerrySettings, out: Console, 
     parts += [f"{len(running)} running"] if running else []
     parts += [f"{len(retrying)} retrying"] if retrying else []
     parts += [f"{queued} queued"] if queued else []
-    out.print(head + " · " + " · ".join(parts) + f" · {describe.human_bytes(moved)} moved", soft_wrap=True)
+    parts += [f"{describe.human_bytes(moved)} moved"]
+    # Cleanups land after their syncs: shown as they do.
+    parts += [f"{summary.cleanups_done} of {summary.cleanups_expected} cleanups done, "
+              f"{describe.human_bytes(summary.freed_bytes)} freed"] if summary.cleanups_expected else []
+    out.print(head + " · " + " · ".join(parts), soft_wrap=True)
     now = time.time()
     for t in running:
         out.print("  " + escape(describe.running_line(jobs[t].line, jobs[t].source, snap.states[t])), soft_wrap=True)

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from config import describe
 from config.jobs import BatchMeta, SyncResult
 from contract.batches import BatchSnapshot, BatchStore, Tally
+from producer.report import expected_cleanups
 
 # Rate over the last few seconds: steady enough to read, quick to follow a change.
 RATE_WINDOW = 5.0
@@ -162,3 +163,26 @@ def _snapshot(store: BatchStore, meta: BatchMeta) -> BatchSnapshot | None:
         return store.snapshot(meta.batch_id, meta)
     except redis.RedisError:  # anything else is a bug to report, not a reason to wait forever
         return None
+
+
+def wait_for_cleanups(store: BatchStore, snap: BatchSnapshot, console: Console, *, poll: float = 0.05,
+                      timeout: float | None = None) -> BatchSnapshot:
+    """Wait until every cleanup named by the batch's results has recorded what it freed.
+
+    Driven by what the batch records, not by a count of syncs: a sync that chains no cleanup
+    names none, and is not waited for."""
+    started = time.monotonic()
+    expected = expected_cleanups(snap)
+    missing = expected - snap.cleanups.keys()
+    if missing:
+        console.print(f"waiting for {len(missing)} cleanup(s) to finish on this node", soft_wrap=True)
+    while missing:
+        if timeout is not None and time.monotonic() - started > timeout:
+            console.print(f"[yellow]warning:[/] {len(missing)} cleanup(s) did not finish in time", soft_wrap=True)
+            break
+        time.sleep(poll)
+        fresh = _snapshot(store, snap.meta)
+        if fresh is not None:
+            snap = fresh
+            missing = expected - snap.cleanups.keys()
+    return snap

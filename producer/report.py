@@ -36,6 +36,9 @@ class Summary:
     failures: list[SyncResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     freed_bytes: int = 0
+    # Cleanups the results name (each sync's chained one), and how many of them have reported.
+    cleanups_expected: int = 0
+    cleanups_done: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -44,6 +47,13 @@ class Summary:
     @property
     def rate(self) -> float:
         return self.bytes / self.elapsed if self.elapsed > 0 else 0.0
+
+
+def expected_cleanups(snap: BatchSnapshot, task_ids: list[str] | None = None) -> set[str]:
+    """The cleanup task ids the results of ``task_ids`` (default: the batch's) name: what the batch
+    itself says will follow."""
+    ids = snap.meta.task_ids if task_ids is None else task_ids
+    return {c for t in ids if t in snap.results and (c := snap.results[t].cleanup_task_id)}
 
 
 def summarize(snap: BatchSnapshot, task_ids: list[str] | None = None, elapsed: float | None = None) -> Summary:
@@ -66,6 +76,8 @@ def summarize(snap: BatchSnapshot, task_ids: list[str] | None = None, elapsed: f
             s.failures.append(r)
         s.warnings += [f"{r.source}: {w}" for w in r.warnings]
     s.freed_bytes = sum(c.freed_bytes for c in snap.cleanups.values())
+    expected = expected_cleanups(snap, ids)
+    s.cleanups_expected, s.cleanups_done = len(expected), len(expected & snap.cleanups.keys())
     if whole:
         done = [*snap.results.values(), *snap.history.values()]
         s.bytes += sum(r.bytes_transferred for r in snap.history.values())
@@ -95,7 +107,9 @@ def retried(snap: BatchSnapshot, task_id: str) -> int:
 
 
 def render(console: Console, snap: BatchSnapshot, summary: Summary, *, details: bool = False,
-           title: str | None = None) -> None:
+           title: str | None = None, failures_shown: bool = False) -> None:
+    """The summary table; ``failures_shown``: each failure's reason was already printed as it
+    happened (``--wait``), so the table's count stands alone."""
     console.print(f"[bold]{escape(title or f'batch {snap.meta.batch_id}')}[/]", highlight=False, soft_wrap=True)
     table = Table(show_header=True, header_style="bold")
     table.add_column("result")
@@ -112,12 +126,14 @@ def render(console: Console, snap: BatchSnapshot, summary: Summary, *, details: 
         table.add_row("active time", describe.human_seconds(summary.elapsed))
         table.add_row("wall time", describe.human_seconds(summary.wall))
     table.add_row("average rate", describe.human_rate(summary.bytes, summary.elapsed))
-    if summary.freed_bytes:
-        table.add_row("freed by cleanup", describe.human_bytes(summary.freed_bytes))
+    if summary.cleanups_expected or summary.freed_bytes:
+        so_far = "" if summary.cleanups_done >= summary.cleanups_expected else \
+            f" ({summary.cleanups_done} of {summary.cleanups_expected} cleanups so far)"
+        table.add_row("freed by cleanup", describe.human_bytes(summary.freed_bytes) + so_far)
     console.print(table)
     if details:
         console.print(_per_image(snap))
-    for r in summary.failures:
+    for r in [] if failures_shown else summary.failures:
         verb, _, rest = describe.failure_line(r).partition(" ")
         console.print(f"[red]{verb.upper()}[/] {escape(rest)}", highlight=False, soft_wrap=True)
     for w in summary.warnings:
@@ -152,6 +168,7 @@ def as_json(snap: BatchSnapshot, summary: Summary) -> dict[str, Any]:
             "failed": summary.failed, "pending": summary.pending, "bytes": summary.bytes,
             "elapsed_s": round(summary.elapsed, 3), "rate_bytes_per_s": round(summary.rate),
             "freed_bytes": summary.freed_bytes,
+            "cleanups_done": summary.cleanups_done, "cleanups_expected": summary.cleanups_expected,
         },
         "images": [_image_json(snap, t, j.source, j.destinations, j.line)
                    for t, j in zip(snap.meta.task_ids, snap.meta.jobs, strict=True)],

@@ -14,6 +14,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
+
+# The signals that stop a run the way Ctrl-C does: `timeout`, CI runners and systemd send SIGTERM,
+# a closed terminal SIGHUP. Each tears down the private Redis and workers before the producer exits.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(Exception):
+    """The run was stopped by ``signum``; the local cluster is torn down on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def bundled_redis_binary() -> str | None:
@@ -56,11 +69,11 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) 
     raise RuntimeError("local redis-server did not start")
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
     if proc.poll() is not None:
         return
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -69,29 +82,74 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
         pass
 
 
+class _StopSignals:
+    """Turns SIGTERM/SIGHUP into ``Stopped`` in the main thread, except while processes start
+    or stop: a signal then is kept and raised once that step is done, so no process is left
+    untracked or half-stopped."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending: int | None = None
+        self.previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.holding:
+            self.pending = self.pending or signum
+            return
+        raise Stopped(signum)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending is not None:
+            raise Stopped(self.pending)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 @contextmanager
 def local_cluster(workers: int, concurrency: int) -> Iterator[str]:
-    """Start Redis and ``workers`` worker processes; yield the broker URL; stop everything."""
+    """Start Redis and ``workers`` worker processes; yield the broker URL; stop everything,
+    also when the run is stopped by SIGTERM or SIGHUP (raised here as ``Stopped``)."""
     workdir = Path(tempfile.mkdtemp(prefix="ferry-standalone-"))
     port = _free_port()
     procs: list[subprocess.Popen[bytes]] = []
     log = open(workdir / "cluster.log", "ab")  # noqa: SIM115 - closed in finally
+    signals = _StopSignals()
+    interrupted = False
+
+    def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with signals.held():
+            procs.append(subprocess.Popen(args, env=env, stdout=log, stderr=log, start_new_session=True))
+        return procs[-1]
+
     try:
-        procs.append(subprocess.Popen(
-            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir)],
-            stdout=log, stderr=log, start_new_session=True))
-        _wait_port(port, procs[0])
+        redis_proc = spawn([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                            "--appendonly", "no", "--dir", str(workdir)])
+        _wait_port(port, redis_proc)
         url = f"redis://127.0.0.1:{port}/0"
         env = dict(os.environ, FERRY_BROKER_URL=url)
         for i in range(workers):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "workers", "--node", f"{socket.gethostname()}-local{i}",
-                 "--concurrency", str(concurrency), "--loglevel", "WARNING"],
-                env=env, stdout=log, stderr=log, start_new_session=True))
+            spawn([sys.executable, "-m", "workers", "--node", f"{socket.gethostname()}-local{i}",
+                   "--concurrency", str(concurrency), "--loglevel", "WARNING"], env)
         yield url
+    except BaseException:
+        interrupted = True
+        raise
     finally:
-        for p in reversed(procs):
-            _stop(p)
-        log.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        signals.holding = True  # a second signal must not cut the teardown short
+        try:
+            for p in reversed(procs):
+                # A stopped run's copies are abandoned with the private Redis: a worker's cold
+                # shutdown (SIGQUIT) ends them now instead of letting them finish first.
+                _stop(p, signal.SIGQUIT if interrupted and p is not procs[0] else signal.SIGTERM)
+            log.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+        finally:
+            signals.restore()
