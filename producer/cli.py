@@ -124,6 +124,8 @@ def cmd_enqueue(args: argparse.Namespace, settings: FerrySettings, out: Console,
     if standalone and not args.wait:
         raise UsageError("FERRY_BROKER_URL is not set: set it to enqueue to a cluster, "
                          "or add --wait to run standalone on this machine")
+    if standalone:
+        _check_local_worker_settings(settings)
     with _broker(settings, err) as settings:
         app, store = _connect(settings)
         try:
@@ -136,6 +138,16 @@ def cmd_enqueue(args: argparse.Namespace, settings: FerrySettings, out: Console,
             return _wait_and_report(store, meta, args, out, err, cleanups=standalone)
         finally:
             store.close()
+
+
+def _check_local_worker_settings(settings: FerrySettings) -> None:
+    """Standalone: the local worker reads these settings; refuse bad ones before anything starts."""
+    from workers.engine.keychain import docker_config_file
+
+    try:
+        docker_config_file(settings.docker_config)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 @contextmanager

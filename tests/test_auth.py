@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from config.reference import canonical_registry
+from config.settings import FerrySettings
 from tests.support.htpasswd import write_htpasswd
 from tests.support.images import Image, Pusher, push_image, sha
 from tests.support.registry import Registry
@@ -31,7 +32,9 @@ from workers.engine.keychain import (
     DockerConfigKeychain,
     Keychain,
     StaticKeychain,
+    docker_config_file,
 )
+from workers.runtime import build_keychain
 
 ACCEPT = ", ".join(
     [
@@ -419,6 +422,20 @@ def test_docker_config_lookup_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert kc.resolve("ghcr.io") == Credential(registry_token="ghcr-token-9")
     assert kc.resolve("empty.example") is None
     assert DockerConfigKeychain(tmp_path / "absent.json").resolve("docker.io") is None
+
+
+def test_ferry_docker_config_names_the_file_or_its_directory(tmp_path: Path) -> None:
+    cfgdir = tmp_path / "dockercfg"
+    path = write_config(cfgdir, {"auths": {"harbor.example": {"username": "u", "password": "p"}}})
+    assert docker_config_file(str(path)) == path
+    assert docker_config_file(str(cfgdir)) == path
+    assert docker_config_file(None) is None
+    with pytest.raises(ValueError, match="does not exist"):
+        docker_config_file(str(tmp_path / "absent.json"))
+    with pytest.raises(ValueError, match=r"holds no config\.json"):
+        docker_config_file(str(tmp_path))
+    s = FerrySettings(docker_config=str(cfgdir))
+    assert build_keychain(s, lambda registry: 0).resolve("harbor.example") == Credential(username="u", password="p")
 
 
 def test_static_and_chain_keychains() -> None:

@@ -107,8 +107,11 @@ def test_producer_bad_settings(tmp_path: Path, redis_server: RedisServer, env: d
     ({}, ["flower", "--address", "flower.localhost"], "needs --basic-auth"),
     ({}, ["--loglevel", "chatty"], "--loglevel (FERRY_LOGLEVEL) must be one of"),
     ({"FERRY_LOGLEVEL": "chatty"}, [], "--loglevel (FERRY_LOGLEVEL) must be one of"),
+    ({"FERRY_DOCKER_CONFIG": "/nonexistent/ferry/config.json"}, [], "FERRY_DOCKER_CONFIG: /nonexistent"),
+    ({"FERRY_DOCKER_CONFIG": "/"}, [], "FERRY_DOCKER_CONFIG: the directory / holds no config.json"),
 ], ids=["cli-concurrency", "env-concurrency", "env-engine", "cli-engine", "broker-url", "open-flower",
-        "open-flower-subdomain", "cli-loglevel", "env-loglevel"])
+        "open-flower-subdomain", "cli-loglevel", "env-loglevel", "docker-config-missing",
+        "docker-config-dir-without-file"])
 def test_worker_bad_settings(tmp_path: Path, redis_server: RedisServer, env: dict[str, str], args: list[str],
                              expected: str) -> None:
     r = workers_cmd(args, ferry_env(redis_server.url, tmp_path, **env))
@@ -116,6 +119,16 @@ def test_worker_bad_settings(tmp_path: Path, redis_server: RedisServer, env: dic
     assert expected in one_error_line(r.stderr)
     assert "pw-Zq81" not in r.stdout + r.stderr
     assert_nothing_enqueued(redis_server)
+
+
+def test_standalone_refuses_a_missing_docker_config_before_starting_anything(tmp_path: Path) -> None:
+    listing = tmp_path / "ok.txt"
+    listing.write_text("nginx\n")
+    env = ferry_env(None, tmp_path, FERRY_DOCKER_CONFIG=str(tmp_path / "nope"))
+    r = run_producer(["enqueue", str(listing), "--target", TARGET, "--wait"], env, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"FERRY_DOCKER_CONFIG: {tmp_path / 'nope'} does not exist" in one_error_line(r.stderr)
+    assert "standalone: started" not in r.stderr
 
 
 def test_worker_waits_for_an_unreachable_broker_and_says_so(tmp_path: Path) -> None:

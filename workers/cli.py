@@ -16,6 +16,7 @@ from config.settings import FerrySettings, describe_validation_error
 from contract.broker import SYNC_QUEUE, node_queue
 from workers import runtime
 from workers.app import configure
+from workers.engine.keychain import docker_config_file
 from workers.upkeep import make_upkeep_step
 
 USAGE_ERROR = 2
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                                   "autoscale": args.autoscale})
     except ValidationError as e:
         return _fail(describe_validation_error(e))
+    try:
+        docker_config_file(settings.docker_config)
+    except ValueError as e:
+        return _fail(str(e))
     if args.command == "cleanup":
         runtime.configure(settings)
         print(runtime.run_cleanup(settings.engine, [], None).model_dump_json(indent=2))

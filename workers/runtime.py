@@ -22,7 +22,7 @@ from workers.cluster.coordinator import RedisCoordinator
 from workers.cluster.ratelimit import Limit
 from workers.engine.cache import BlobCache, CachePolicy
 from workers.engine.docker import DockerEngine
-from workers.engine.keychain import Credential, Keychain, configured_keychain
+from workers.engine.keychain import Credential, Keychain, configured_keychain, docker_config_file
 from workers.engine.local_coordinator import LocalCoordinator
 from workers.engine.protocols import Coordinator, Engine
 from workers.engine.registry import RegistryEngine, RegistryOptions
@@ -116,8 +116,7 @@ def cache_dir(s: FerrySettings) -> Path:
 def build_keychain(s: FerrySettings, choose: Callable[[str], int]) -> Keychain:
     """The credentials in ferry's settings, then docker's config; ``choose`` rotates among several."""
     configured = {host: _credentials(r) for host, r in s.registries.items()}
-    docker_cfg = Path(s.docker_config).expanduser() if s.docker_config else None
-    return configured_keychain(configured, docker_cfg, choose)
+    return configured_keychain(configured, docker_config_file(s.docker_config), choose)
 
 
 def _credentials(r: RegistryConfig) -> list[Credential]:
