@@ -15,6 +15,7 @@ import pytest
 from config.jobs import SyncJob, SyncResult
 from tests.support.faultproxy import DropAfter, FaultProxy, Rule
 from tests.support.images import (
+    DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
@@ -27,10 +28,11 @@ from tests.support.procs import free_port
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 from workers.engine.auth import RegistryAuth
+from workers.engine.copy import MAX_DEPTH
 from workers.engine.keychain import Credential, StaticKeychain
 from workers.engine.registry import RegistryEngine, RegistryOptions
 
-ACCEPT = f"{OCI_INDEX}, {OCI_MANIFEST}, {DOCKER_MANIFEST}"
+ACCEPT = f"{OCI_INDEX}, {OCI_MANIFEST}, {DOCKER_LIST}, {DOCKER_MANIFEST}"
 
 
 def requests(reg: Registry) -> list[tuple[str, str, int]]:
@@ -176,6 +178,79 @@ def test_artifact_and_nested_index(src: Registry, dst: Registry, src_pusher: Pus
     assert dst.manifest_digest("nest/x", "nested") == outer_digest
     assert dst.manifest_digest("nest/x", inner.digest) == inner.digest
     assert all(dst.has_blob("nest/x", b) for b in inner.blobs)
+
+
+def _nest(pusher: Pusher, repo: str, tag: str, child: bytes, extra: list[dict[str, object]] | None = None) -> bytes:
+    """Push an index whose first entry is the index ``child`` (no platform of its own)."""
+    doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_INDEX, "digest": sha(child), "size": len(child)}, *(extra or [])]}
+    raw = json.dumps(doc).encode()
+    pusher.manifest(repo, tag, raw, OCI_INDEX)
+    return raw
+
+
+def test_platform_filter_looks_inside_nested_indexes(src: Registry, dst: Registry, src_pusher: Pusher,
+                                                     engine: RegistryEngine) -> None:
+    p = src_pusher
+    push_image(p, "nest/p", tag="inner", archs=("amd64", "arm64"))
+    inner = get_manifest(src, "nest/p", "inner")
+    by_arch = {e["platform"]["architecture"]: e for e in json.loads(inner)["manifests"]}
+    solo = push_image(p, "nest/p", tag="solo", archs=("s390x",))
+    s390x = {"mediaType": OCI_MANIFEST, "digest": solo.digest, "size": len(get_manifest(src, "nest/p", "solo")),
+             "platform": {"architecture": "s390x", "os": "linux"}}
+    _nest(p, "nest/p", "v1", inner, extra=[s390x])
+
+    one = sync(engine, f"{src.host}/nest/p:v1", f"{dst.host}/m/one:v1", platforms=("linux/arm64",))
+    assert one.status == "synced", one.error
+    assert dst.manifest_digest("m/one", "v1") == by_arch["arm64"]["digest"]
+
+    two = sync(engine, f"{src.host}/nest/p:v1", f"{dst.host}/m/two:v1", platforms=("linux/amd64", "linux/s390x"))
+    assert two.status == "synced", two.error
+    pushed = json.loads(get_manifest(dst, "m/two", "v1"))
+    # One flat index of what matched, wherever it sat.
+    assert [e["digest"] for e in pushed["manifests"]] == [by_arch["amd64"]["digest"], solo.digest]
+    assert two.destinations[0].digest_changed
+
+    none = sync(engine, f"{src.host}/nest/p:v1", f"{dst.host}/m/none:v1", platforms=("linux/ppc64le",))
+    assert none.status == "failed" and not none.temporary
+    assert "linux/amd64, linux/arm64, linux/s390x" in (none.error or "")
+
+
+def test_nesting_is_followed_only_so_deep(src: Registry, dst: Registry, src_pusher: Pusher,
+                                          engine: RegistryEngine) -> None:
+    push_image(src_pusher, "deep/p", tag="leaf", archs=("amd64", "arm64"))
+    raw = get_manifest(src, "deep/p", "leaf")
+    for level in range(MAX_DEPTH):
+        raw = _nest(src_pusher, "deep/p", f"l{level}", raw)
+    # The arm64 manifest lies MAX_DEPTH levels under l{MAX_DEPTH - 2}, one more under l{MAX_DEPTH - 1}.
+    ok = sync(engine, f"{src.host}/deep/p:l{MAX_DEPTH - 2}", f"{dst.host}/m/ok:v1", platforms=("linux/arm64",))
+    assert ok.status == "synced", ok.error
+    deep = sync(engine, f"{src.host}/deep/p:l{MAX_DEPTH - 1}", f"{dst.host}/m/deep:v1", platforms=("linux/arm64",))
+    assert deep.status == "failed" and f"nested deeper than {MAX_DEPTH} levels" in (deep.error or "")
+
+
+def test_docker_manifest_list(src: Registry, dst: Registry, src_pusher: Pusher, engine: RegistryEngine) -> None:
+    img = push_image(src_pusher, "lib/dl", archs=("amd64", "arm64", "s390x"), oci=False)
+    assert img.media_type == DOCKER_LIST
+    r = sync(engine, f"{src.host}/lib/dl:v1", f"{dst.host}/m/dl:v1")
+    assert r.status == "synced", r.error
+    assert dst.manifest_digest("m/dl", "v1") == img.digest
+    assert get_manifest(dst, "m/dl", "v1") == get_manifest(src, "lib/dl", "v1")
+    assert all(dst.has_blob("m/dl", b) for b in img.blobs)
+    listed = json.loads(get_manifest(src, "lib/dl", "v1"))["manifests"]
+    for entry in listed:  # every child keeps its docker media type and digest
+        assert entry["mediaType"] == DOCKER_MANIFEST
+        assert dst.manifest_digest("m/dl", entry["digest"]) == entry["digest"]
+
+    two = sync(engine, f"{src.host}/lib/dl:v1", f"{dst.host}/m/two:v1", platforms=("linux/amd64", "linux/s390x"))
+    assert two.status == "synced", two.error
+    pushed = json.loads(get_manifest(dst, "m/two", "v1"))
+    assert pushed["mediaType"] == DOCKER_LIST
+    assert [e["platform"]["architecture"] for e in pushed["manifests"]] == ["amd64", "s390x"]
+    one = sync(engine, f"{src.host}/lib/dl:v1", f"{dst.host}/m/one:v1", platforms=("linux/arm64",))
+    assert one.status == "synced", one.error
+    assert dst.manifest_digest("m/one", "v1") == next(
+        e["digest"] for e in listed if e["platform"]["architecture"] == "arm64")
 
 
 def test_digest_pinned_source(src: Registry, dst: Registry, src_pusher: Pusher,

@@ -22,6 +22,7 @@ from config.reference import Reference
 from workers.engine.blobs import BlobCopier, BlobResult
 from workers.engine.errors import ManifestError, NotFound, RegistryError
 from workers.engine.manifests import (
+    INDEX_TYPES,
     Descriptor,
     Manifest,
     get_manifest,
@@ -71,29 +72,56 @@ def _platform_text(p: object) -> str:
     return text + (f"/{p['variant']}" if p.get("variant") else "")
 
 
+@dataclass
+class _Matches:
+    """Index entries a platform filter keeps, gathered through nested indexes."""
+
+    entries: dict[str, dict[str, object]] = field(default_factory=dict)  # digest -> index entry
+    images: list[Descriptor] = field(default_factory=list)  # the platform matches themselves
+    available: set[str] = field(default_factory=set)
+    nested: bool = False  # some match sits inside a child index
+
+
+def _gather(transport: RegistryTransport, src: Reference, index: Manifest, platforms: Sequence[Platform],
+            found: _Matches, depth: int) -> None:
+    """Add ``index``'s matching entries (and their attestations) to ``found``; look inside child
+    indexes that carry no platform of their own, ``MAX_DEPTH`` levels at most."""
+    entries = index.doc.get("manifests", [])
+    keep = [c for c in index.children if c.platform and any(p.matches(c.platform) for p in platforms)]
+    kept = {c.digest for c in keep}
+    found.images += [c for c in keep if c.digest not in found.entries]
+    for e, c in zip(entries, index.children, strict=True):
+        if c.platform:
+            found.available.add(_platform_text(c.platform))
+        if c.digest in kept or (e.get("annotations") or {}).get(_REFERENCE_ANNOTATION) in kept:
+            found.entries.setdefault(c.digest, e)
+        elif c.platform is None and c.media_type in INDEX_TYPES:
+            if depth + 2 > MAX_DEPTH:  # its entries would lie deeper than plan_image follows
+                raise ManifestError(f"indexes nested deeper than {MAX_DEPTH} levels", reference=str(src))
+            before = len(found.entries)
+            _gather(transport, src, get_manifest(transport, src, c.digest), platforms, found, depth + 1)
+            found.nested = found.nested or len(found.entries) > before
+
+
 def select_platforms(
     transport: RegistryTransport, src: Reference, index: Manifest, platforms: Sequence[Platform]
 ) -> Manifest:
     """The root to push for a platform filter: the index itself when every entry matches,
-    the one matching child, or an index of the matching children (and their attestations)."""
-    keep = [c for c in index.children if c.platform and any(p.matches(c.platform) for p in platforms)]
-    if not keep:
-        available = ", ".join(sorted({_platform_text(c.platform) for c in index.children}))
+    the one matching manifest, or an index of the matching ones (and their attestations),
+    found in the index or in the indexes nested in it."""
+    found = _Matches()
+    _gather(transport, src, index, platforms, found, 0)
+    if not found.images:
+        available = ", ".join(sorted(found.available)) or "no platforms"
         wanted = ", ".join(str(p) for p in platforms)
         raise NotFound(f"no manifest for platform {wanted} (the index has: {available})",
                        reference=str(src))
-    kept = {c.digest for c in keep}
-    entries = index.doc.get("manifests", [])
-    chosen = [
-        e for e, c in zip(entries, index.children, strict=True)
-        if c.digest in kept or (e.get("annotations") or {}).get(_REFERENCE_ANNOTATION) in kept
-    ]
-    if len(chosen) == len(index.children):
+    if not found.nested and len(found.entries) == len(index.children):
         return index
-    if len(keep) == 1:
-        return get_manifest(transport, src, keep[0].digest)
+    if len(found.images) == 1:
+        return get_manifest(transport, src, found.images[0].digest)
     doc = dict(index.doc)
-    doc["manifests"] = chosen
+    doc["manifests"] = list(found.entries.values())
     # Deterministic bytes, so the next sync finds the same digest and skips.
     raw = json.dumps(doc, indent=3).encode()
     return parse_manifest(raw, content_type=index.media_type, digest=sha256_digest(raw))
