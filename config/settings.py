@@ -99,6 +99,8 @@ class FerrySettings(BaseSettings):
     read_timeout: PositiveFloat = defaults.READ_TIMEOUT
     result_ttl: PositiveInt = 7 * 24 * 3600
     task_max_retries: NonNegativeInt = 3
+    # Seconds before a failed image's task runs again; doubled for each later run.
+    task_retry_delay: PositiveFloat = 10.0
     docker_config: str | None = None
     docker_host: str | None = None
     registries: dict[str, RegistryConfig] = Field(default_factory=dict)

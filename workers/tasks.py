@@ -78,8 +78,14 @@ class _Progress:
             log.debug("progress not recorded: %s", e)
 
 
-def _retry_delay(retries: int) -> float:
-    return float(min(300, 10 * 2**retries) * random.uniform(0.5, 1.0))
+# The longest pause between two runs of one image's task.
+MAX_TASK_RETRY_DELAY = 300.0
+
+
+def retry_delay(retries: int, base: float) -> float:
+    """Pause before run ``retries + 2`` of a task: ``base``, 2x, 4x... (at most 5 min), each up to
+    a quarter longer, so the retries of images that failed together do not arrive together."""
+    return float(min(MAX_TASK_RETRY_DELAY, base * 2**retries) * random.uniform(1.0, 1.25))
 
 
 @app.task(name=SYNC_TASK, bind=True, base=SyncTask, acks_late=True, max_retries=None)
@@ -109,7 +115,7 @@ def sync_image(self: Task, job: dict[str, Any], first_started_at: float | None =
         "cleanup_task_id": _chain_cleanup(j, task_id, s.node, result.local_refs),
     })
     if result.status == "failed" and result.temporary and crash is None and attempt < s.task_max_retries:
-        countdown = _retry_delay(attempt)
+        countdown = retry_delay(attempt, s.task_retry_delay)
         store.record_state(j.batch_id, task_id, TaskState(
             phase="retrying", node=s.node, attempt=attempt + 2, attempts=runs, retry_at=time.time() + countdown,
             reason=describe.failure_text(result)))
