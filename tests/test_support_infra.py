@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +34,7 @@ from tests.support.images import DOCKER_MANIFEST, OCI_MANIFEST, Image, Pusher, p
 from tests.support.procs import wait_until
 from tests.support.redis import RedisServer, bundled_redis_binary
 from tests.support.registry import Registry
+from tests.support.workers import ROOT
 
 ACCEPT = {"Accept": f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"}
 
@@ -390,3 +394,27 @@ def test_dockerd_pulls_through_the_proxy_and_retries_a_cut_layer(
     assert proxy.count("GET", img.blobs[1]) == 2  # cut once, fetched again
     assert proxy.count("GET", img.blobs[2]) == 1
     assert proxy.errors == []
+
+
+# ---- skips -----------------------------------------------------------------------------------
+
+SKIPPING = """
+import pytest
+
+def test_needs_a_component():
+    pytest.skip("frobd is not installed")
+"""
+
+
+@pytest.mark.parametrize(("ci", "code", "says"), [
+    ("true", 1, "CI=true: this suite could not run, and CI must not pass by skipping it: frobd is not installed"),
+    ("", 0, "1 test(s) SKIPPED because they could not get a component"),
+], ids=["ci", "local"])
+def test_a_skip_fails_under_ci_and_is_loud_elsewhere(tmp_path: Path, ci: str, code: int, says: str) -> None:
+    (tmp_path / "test_skipping.py").write_text(SKIPPING)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", os.devnull, "-p", "no:cacheprovider",
+                        "-p", "tests.conftest", "--rootdir", str(tmp_path), str(tmp_path)],
+                       cwd=ROOT, env={**os.environ, "CI": ci}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == code, r.stdout + r.stderr
+    assert says in r.stdout, r.stdout
+    assert "frobd is not installed" in r.stdout
