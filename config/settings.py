@@ -59,6 +59,7 @@ class CacheSettings(BaseModel):
     keep_duration: NonNegativeInt = defaults.CACHE_KEEP_DURATION
     keep_bytes: ByteSize = ByteSize(defaults.CACHE_KEEP_BYTES)
     min_free_bytes: ByteSize = ByteSize(defaults.CACHE_MIN_FREE_BYTES)
+    # Docker engine: pulls and pushes at once on one node, across all its worker processes.
     max_parallelism: PositiveInt = defaults.CACHE_MAX_PARALLELISM
 
 

@@ -215,8 +215,7 @@ def test_disk_floor_pauses_intake_until_cleanup_frees_space(make_cluster, src: R
     import shutil
     free = shutil.disk_usage(cache_root.parent.parent).free
     floor = free - 100 * 1024**2
-    cache = BlobCache(cache_root, CachePolicy(keep_duration=0, keep_bytes=10 * 1024**3, min_free_bytes=floor,
-                                              max_parallelism=1))
+    cache = BlobCache(cache_root, CachePolicy(keep_duration=0, keep_bytes=10 * 1024**3, min_free_bytes=floor))
     blob = b"\0" * (300 * 1024**2)
     digest = "sha256:" + __import__("hashlib").sha256(blob).hexdigest()
     with cache.writer(digest, len(blob)) as f:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
@@ -12,8 +15,10 @@ import pytest
 from config.jobs import SyncJob, SyncResult
 from tests.support.docker_engine import images_for
 from tests.support.dockerd import Dockerd
+from tests.support.faultproxy import FaultProxy, Rule, delay
 from tests.support.htpasswd import write_htpasswd
 from tests.support.images import Image, Pusher, push_image
+from tests.support.procs import wait_until
 from tests.support.registry import Registry
 from workers.engine.docker import LIMITS_WARNING, DockerEngine
 from workers.engine.keychain import AnonymousKeychain, Credential, Keychain, StaticKeychain
@@ -52,7 +57,8 @@ def client(dockerd: Dockerd) -> Iterator[docker.DockerClient]:
 
 
 def make_engine(
-    dockerd: Dockerd, keychain: Keychain | None = None, sleeps: Sleeps | None = None, attempts: int = 3
+    dockerd: Dockerd, keychain: Keychain | None = None, sleeps: Sleeps | None = None, attempts: int = 3,
+    **kw: Any,
 ) -> DockerEngine:
     return DockerEngine(
         dockerd.host,
@@ -61,6 +67,7 @@ def make_engine(
         base_delay=0.05,
         max_delay=0.2,
         sleep=sleeps if sleeps is not None else Sleeps(),
+        **kw,
     )
 
 
@@ -287,4 +294,120 @@ def test_unreachable_daemon_is_a_temporary_failure(tmp_path: Path, src: Registry
         stats = engine.cleanup(remove=[f"{src.host}/m/any:v1"])
         assert stats.freed_items == 0 and stats.errors and "docker daemon" in stats.errors[0]
     finally:
+        engine.close()
+
+
+def repo_spans(proxy: FaultProxy) -> list[tuple[float, float]]:
+    """From the first request to the end of the last, per repository seen at ``proxy``."""
+    spans: dict[str, tuple[float, float]] = {}
+    for r in proxy.requests:
+        m = re.match(r"^/v2/(.+)/(manifests|blobs)/", r.path)
+        if m and r.end is not None:
+            lo, hi = spans.get(m[1], (r.start, r.end))
+            spans[m[1]] = (min(lo, r.start), max(hi, r.end))
+    return list(spans.values())
+
+
+def peak_overlap(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    peak = cur = 0
+    for _, d in events:
+        cur += d
+        peak = max(peak, cur)
+    return peak
+
+
+def test_max_parallelism_caps_the_pulls_and_pushes_of_a_node(
+    dockerd: Dockerd, tmp_path: Path, src: Registry, dst: Registry, src_pusher: Pusher,
+    make_fault_proxy: Callable[[str], FaultProxy],
+) -> None:
+    n, limit = 4, 2
+    for i in range(n):
+        push_image(src_pusher, f"par/p{i}", layers=2, layer_size=64 * 1024, oci=False)
+    sproxy, dproxy = make_fault_proxy(src.host), make_fault_proxy(dst.host)
+    # Slow enough that transfers without a limit would all overlap.
+    sproxy.add_rule(Rule(delay(0.5), method="GET", path_re="/blobs/"))
+    dproxy.add_rule(Rule(delay(0.5), method="PUT", path_re="/blobs/uploads/"))
+    # One engine per thread, each with its own lock files open: as the worker processes of one node.
+    engines = [make_engine(dockerd, max_parallelism=limit, slot_dir=tmp_path / "slots") for _ in range(n)]
+    results: list[SyncResult] = []
+    jobs = [job(f"{sproxy.host}/par/p{i}:v1", f"{dproxy.host}/m/p{i}:v1") for i in range(n)]
+    threads = [threading.Thread(target=lambda e=e, j=j: results.append(e.sync(j, Counter())))
+               for e, j in zip(engines, jobs, strict=True)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(240)
+        assert [r.status for r in results] == ["synced"] * n, [r.error for r in results]
+        sproxy.wait_idle()
+        dproxy.wait_idle()
+        # Counted where the daemon talks to the registries: never more than the limit, and the limit is used.
+        assert peak_overlap(repo_spans(sproxy)) == limit
+        assert peak_overlap(repo_spans(dproxy)) == limit
+    finally:
+        for e, j in zip(engines, jobs, strict=True):
+            e.cleanup(3600.0, remove=e.images_for(j))
+            e.close()
+
+
+def build_cache(client: docker.DockerClient) -> dict[str, dict[str, Any]]:
+    return {r["ID"]: r for r in client.api.df().get("BuildCache") or []}
+
+
+def prunable(records: dict[str, dict[str, Any]]) -> set[str]:
+    """Build cache a plain prune may remove: not in use and not shared with an image."""
+    return {i for i, r in records.items() if not r.get("InUse") and not r.get("Shared")}
+
+
+def build_twice(dockerd: Dockerd, root: Path, tag: str) -> None:
+    """Two builds under one tag: the first image is left dangling, and both leave build cache."""
+    for n in range(2):
+        ctx = root / f"{tag.replace('/', '-').replace(':', '-')}-{n}"
+        ctx.mkdir(parents=True)
+        (ctx / "payload").write_bytes(f"{tag} {n} {time.time_ns()}".encode() * 4096)
+        (ctx / "Dockerfile").write_text("FROM scratch\nCOPY payload /payload\n")
+        dockerd.buildkit_build(ctx, tag)
+
+
+def dangling(client: docker.DockerClient) -> set[str]:
+    return {i.id for i in client.images.list(filters={"dangling": True})}
+
+
+def test_cleanup_prunes_dangling_images_and_build_cache_older_than_keep_duration(
+    dockerd: Dockerd, client: docker.DockerClient, tmp_path: Path,
+) -> None:
+    """The seed workflow's ``gckeepduration``, with real BuildKit cache from ``docker build``."""
+    build_twice(dockerd, tmp_path, "ferry-prune/x:old")
+    old_images, old_cache = dangling(client), prunable(build_cache(client))
+    old_done = time.time()
+    assert old_images and old_cache
+    tagged = {client.images.get("ferry-prune/x:old").id}
+    age = 4.0
+    wait_until(lambda: time.time() - old_done >= age, age + 1, "the first builds to age")
+    new_start = time.time()
+    build_twice(dockerd, tmp_path, "ferry-prune/x:new")
+    new_images, new_cache = dangling(client) - old_images, prunable(build_cache(client)) - old_cache
+    tagged.add(client.images.get("ferry-prune/x:new").id)
+    assert new_images and new_cache
+    # Older than keep_duration: only what the first builds left; the second builds are younger.
+    keep = int(time.time() - new_start) + 2  # > the new builds' age, < the old ones' (at least `age` more)
+
+    engine = make_engine(dockerd)
+    try:
+        stats = engine.cleanup(float(keep))
+        assert stats.errors == ()
+        assert stats.freed_items >= len(old_images) + len(old_cache) and stats.freed_bytes > 0
+        left_images, left_cache = dangling(client), set(build_cache(client))
+        assert old_images.isdisjoint(left_images) and old_cache.isdisjoint(left_cache)
+        assert new_images <= left_images and new_cache <= left_cache
+        assert tagged <= {i.id for i in client.images.list()}  # tagged images are never pruned
+
+        engine.cleanup(0.0)
+        assert new_images.isdisjoint(dangling(client))
+        assert new_cache.isdisjoint(build_cache(client))
+    finally:
+        for tag in ("ferry-prune/x:old", "ferry-prune/x:new"):
+            client.images.remove(tag, force=True)
+        engine.cleanup(0.0)
         engine.close()

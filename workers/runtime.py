@@ -138,6 +138,8 @@ def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = 
             max_delay=s.retry.max_delay,
             keep_duration=float(s.cache.keep_duration),
             busy_lock=cache_dir(s) / "docker.lock",
+            max_parallelism=s.cache.max_parallelism,
+            slot_dir=cache_dir(s) / "docker-slots",
         )
     if name == "registry":
         # Built even when copies bypass it: cleanup still applies the policy to what is there.
@@ -168,7 +170,6 @@ def cache_policy(s: FerrySettings) -> CachePolicy:
         keep_duration=float(s.cache.keep_duration),
         keep_bytes=int(s.cache.keep_bytes),
         min_free_bytes=int(s.cache.min_free_bytes),
-        max_parallelism=s.cache.max_parallelism,
     )
 
 

@@ -50,8 +50,6 @@ class CachePolicy:
     keep_duration: float = defaults.CACHE_KEEP_DURATION
     keep_bytes: int = defaults.CACHE_KEEP_BYTES
     min_free_bytes: int = defaults.CACHE_MIN_FREE_BYTES
-    # How many blobs the engine may fill concurrently on this node (advisory).
-    max_parallelism: int = defaults.CACHE_MAX_PARALLELISM
 
 
 @dataclass(frozen=True, order=True)

@@ -46,6 +46,9 @@ from workers.engine.retry import RetryPolicy
 
 T = TypeVar("T")
 
+# How often a transfer waiting for one of the node's max_parallelism slots looks again.
+SLOT_POLL = 0.05
+
 LIMITS_WARNING = (
     "docker engine: layers were re-compressed on push and each tag holds a single platform, "
     "so destination digests differ from the source's"
@@ -70,8 +73,15 @@ class DockerEngine:
         timeout: float = 300.0,
         sleep: Callable[[float], None] = time.sleep,
         busy_lock: Path | None = None,
+        max_parallelism: int = 0,
+        slot_dir: Path | None = None,
     ) -> None:
         self.docker_host = docker_host
+        # Pulls and pushes at once on this node (0: no limit), as BuildKit's max-parallelism caps its
+        # workers: each holds one of max_parallelism lock files in slot_dir, shared by every worker
+        # process of the node, so the daemon never holds more images in flight than that.
+        self.max_parallelism = max_parallelism
+        self.slot_dir = slot_dir
         # Shared by every sync on this node, exclusive for pruning: a freshly pulled image is
         # briefly untagged, and images built reproducibly claim to be decades old, so a prune
         # running beside a pull could delete it.
@@ -137,6 +147,31 @@ class DockerEngine:
             return self._sync(job, progress)
 
     @contextlib.contextmanager
+    def _transfer_slot(self) -> Iterator[None]:
+        """One of the node's ``max_parallelism`` pull/push slots, held for one pull or push."""
+        if self.max_parallelism <= 0 or self.slot_dir is None:
+            yield
+            return
+        self.slot_dir.mkdir(parents=True, exist_ok=True)
+        fd = None
+        while fd is None:
+            for i in range(self.max_parallelism):
+                candidate = os.open(self.slot_dir / f"slot-{i}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                try:
+                    fcntl.flock(candidate, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(candidate)
+                    continue
+                fd = candidate
+                break
+            else:
+                time.sleep(SLOT_POLL)  # every slot busy: another process's transfer holds it
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
     def _node_lock(self, *, exclusive: bool, wait: bool) -> Iterator[bool]:
         """Yields whether the lock is held (always, when waiting or when no lock is configured)."""
         if self.busy_lock is None:
@@ -175,18 +210,19 @@ class DockerEngine:
         source_digest: str | None = None
         warnings: list[str] = []
         try:
-            dist = self._call(
-                "inspect",
-                str(plan.source),
-                lambda: self.client.api.inspect_distribution(
-                    plan.pull_ref, auth_config=auth_config(plan.source.registry, src_cred)
-                ),
-                secrets,
-            )
-            source_digest = dist["Descriptor"]["digest"]
-            available = [p for p in dist.get("Platforms") or [] if isinstance(p, dict)]
-            warnings += self._platform_warnings(plan, available)
-            image_ids = {p: self._pull(plan, p, src_cred, down, secrets) for p in plan.platforms}
+            with self._transfer_slot():  # the lookup and every platform's pull: one slot
+                dist = self._call(
+                    "inspect",
+                    str(plan.source),
+                    lambda: self.client.api.inspect_distribution(
+                        plan.pull_ref, auth_config=auth_config(plan.source.registry, src_cred)
+                    ),
+                    secrets,
+                )
+                source_digest = dist["Descriptor"]["digest"]
+                available = [p for p in dist.get("Platforms") or [] if isinstance(p, dict)]
+                warnings += self._platform_warnings(plan, available)
+                image_ids = {p: self._pull(plan, p, src_cred, down, secrets) for p in plan.platforms}
         except RegistryError as e:
             return done(failures=[what_is_missing(e, plan.source).with_reference(plan.source)],
                         source_digest=source_digest, bytes_downloaded=down.bytes, warnings=warnings)
@@ -293,7 +329,8 @@ class DockerEngine:
             return up.digest
 
         try:
-            digest = self._call("push", t.ref, run, secrets)
+            with self._transfer_slot():
+                digest = self._call("push", t.ref, run, secrets)
         except RegistryError as e:
             e.with_reference(t.ref)
             return DestinationResult(destination=t.ref, status="failed", error=e.reason(t.ref),
