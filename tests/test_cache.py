@@ -240,6 +240,37 @@ def test_min_free_bytes_evicts_everything_unleased(tmp_path: Path, held: list[He
     assert [cache.get(d) is not None for d in ds] == [False, True, False]
 
 
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A private 8 MiB tmpfs: its free space moves only with what the test writes."""
+    root = tmp_path / "fs"
+    root.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(root)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.strip()}")
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=True)
+
+
+def test_min_free_bytes_evicts_oldest_first_and_only_until_the_floor(small_fs: Path) -> None:
+    mib = 1024 * 1024
+    cache = BlobCache(small_fs / "c", policy())
+    now = time.time()
+    ds = [put(cache, bytes([i]) * mib) for i in range(5)]
+    for i, d in enumerate(ds):
+        age(cache, d, 100 - i * 10, now)  # ds[0] oldest ... ds[4] newest
+    # Two and a half blobs short of the floor: three must go, the oldest, and no more.
+    cache.policy = policy(min_free_bytes=cache.free_bytes() + 5 * mib // 2)
+    stats = cache.cleanup(now=now)
+    assert (stats.freed_items, stats.freed_bytes, stats.kept_items) == (3, 3 * mib, 2)
+    assert [cache.get(d) is not None for d in ds] == [False, False, False, True, True]
+    assert cache.free_bytes() >= cache.policy.min_free_bytes
+    assert cache.cleanup(now=now).freed_items == 0  # the floor is met: nothing else goes
+
+
 def test_entries_leased_by_another_process_survive_cleanup(tmp_path: Path, held: list[HeldLease]) -> None:
     cache = BlobCache(tmp_path / "c", policy(keep_bytes=0, keep_duration=60))
     now = time.time()
@@ -279,6 +310,7 @@ CONCURRENT_WRITER = """
     root, digest, data_path, go = sys.argv[1:5]
     data = Path(data_path).read_bytes()
     cache = BlobCache(Path(root), CachePolicy())
+    print("ready", flush=True)
     while not os.path.exists(go):
         time.sleep(0.001)
     with cache.writer(digest, len(data)) as f:
@@ -298,7 +330,8 @@ def test_two_processes_writing_the_same_blob_end_with_one_valid_file(tmp_path: P
     go = tmp_path / "go"
     procs = [run_py(CONCURRENT_WRITER, str(cache.root), d, str(src), str(go)) for _ in range(2)]
     # Both writers are running when released together.
-    time.sleep(0.5)
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
     go.touch()
     for p in procs:
         out, err = p.communicate(timeout=60)

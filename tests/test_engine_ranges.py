@@ -15,6 +15,7 @@ import pytest
 from config.reference import Reference
 from tests.support.faultproxy import Corrupt, Delay, DropAfter, FaultProxy, Rule, Stall, Status, Truncate
 from tests.support.images import Pusher, push_random_blob
+from tests.support.procs import wait_until
 from tests.support.registry import Registry
 from workers.engine.blob_reader import Stream
 from workers.engine.blobs import BlobCopier
@@ -206,9 +207,7 @@ def test_closing_the_stream_stops_parts_in_flight(src: Registry, src_pusher: Pus
         while len(got) < 200_000:
             got += next(it)
         assert data.startswith(got)
-        deadline = time.monotonic() + 10
-        while proxy.count("GET", BLOB_GET) < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: proxy.count("GET", BLOB_GET) >= 4, 10, "every part requested")
         t0 = time.monotonic()
         close()
         assert time.monotonic() - t0 < 1.0

@@ -32,6 +32,14 @@ def wait_until(pred: Callable[[], bool], timeout: float = 15.0, what: str = "con
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}{why}") from last
 
 
+def holds_for(pred: Callable[[], bool], seconds: float, what: str = "condition") -> None:
+    """Assert ``pred`` stays true for ``seconds``, checked throughout (a thing that must not happen)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert pred(), f"{what} stopped holding"
+        time.sleep(0.05)
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
