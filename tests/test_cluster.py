@@ -15,22 +15,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from config.jobs import SyncJob
 from contract import keys
 from tests.support.cluster import Cluster, make_cluster_fixture, wait_proc  # noqa: F401  (fixture)
-from tests.support.faultproxy import FaultProxy, Rule, delay, status
+from tests.support.faultproxy import FaultProxy, Rule, add_headers, delay, status, too_many_requests
 from tests.support.images import Image, Pusher, push_image
 from tests.support.procs import holds_for, wait_until
+from tests.support.redis import RedisServer
 from tests.support.registry import Registry
+from tests.support.tokenserver import TokenServer
 from workers.cluster.coordinator import RedisCoordinator
+from workers.engine.auth import Credential, RegistryAuth, StaticKeychain
 from workers.engine.cache import BlobCache, CachePolicy
 from workers.engine.local_coordinator import LocalCoordinator
 from workers.engine.protocols import Coordinator
 from workers.engine.registry import RegistryEngine, RegistryOptions
 
 pytestmark = pytest.mark.cluster
+# Seconds a 10-image batch may take to finish once its coordination Redis is killed (README).
+COORDINATION_LOSS_BOUND = 20.0
 
 MakeProxy = Callable[[str], FaultProxy]
 COMMIT = r"/blobs/uploads/.*[?&]digest=(sha256(:|%3A)[0-9a-f]{64})"
@@ -351,3 +357,118 @@ def test_ledger_saves_destination_requests(make_cluster, make_registry: Callable
     assert cold_with[0] < cold_without[0] and again_with[0] < again_without[0]
     unique = len({b for i in images for b in i.blobs})
     assert cold_with[2] == unique and again_with[2] == 0  # uploaded once; then only mounts
+
+
+# -- coordination through real batches --------------------------------------------------------
+
+def test_max_concurrency_holds_across_worker_processes(make_cluster, src: Registry, dst: Registry,
+                                                       src_pusher: Pusher, make_fault_proxy: MakeProxy) -> None:
+    limit = 2
+    imgs = [push_image(src_pusher, f"c/i{i}", layers=2, layer_size=16 * 1024) for i in range(8)]
+    sproxy = make_fault_proxy(src.host)
+    sproxy.add_rule(Rule(delay(0.3), method="GET"))  # long enough requests that unlimited ones would pile up
+    cluster: Cluster = make_cluster(FERRY_REGISTRIES=json.dumps({sproxy.host: {"max_concurrency": limit}}))
+    for i in range(3):
+        cluster.start_worker(f"node{i}", concurrency=2)  # 6 processes, each copying blobs several at a time
+    doc = run_batch(cluster, [f"{sproxy.host}/{i.repo}:v1" for i in imgs], f"{dst.host}/mirror")
+    assert doc["summary"]["synced"] == len(imgs)
+    assert len({r["node"] for r in doc["images"]}) >= 2
+    sproxy.wait_idle()
+    # Measured where the registry sees them: never more at once than the limit, and the limit used.
+    assert sproxy.max_in_flight() == limit
+
+
+def test_quota_floor_and_reset_pause_the_cluster_through_a_batch(make_cluster, src: Registry, dst: Registry,
+                                                                 src_pusher: Pusher,
+                                                                 make_fault_proxy: MakeProxy) -> None:
+    floor, reset = 5, 4.0
+    imgs = [push_image(src_pusher, f"rl/i{i}", layers=2, layer_size=8 * 1024) for i in range(8)]
+    sproxy = make_fault_proxy(src.host)
+    sproxy.add_rule(Rule(delay(0.2), method="GET", path_re=r"/blobs/"))  # keep the batch busy past the notes
+    # Successful answers carrying Docker Hub's quota headers: the first still above the floor, the
+    # second under it, with a reset 4 s away.
+    window = {"RateLimit-Limit": "100;w=21600"}
+    above = sproxy.add_rule(Rule(add_headers({**window, "RateLimit-Remaining": f"{floor};w=21600"}),
+                                 method="GET", path_re=r"/manifests/", times=1))
+    under = sproxy.add_rule(Rule(add_headers({**window, "RateLimit-Remaining": "3;w=21600",
+                                              "RateLimit-Reset": str(int(reset))}),
+                                 method="GET", path_re=r"/manifests/", times=1))
+    cluster: Cluster = make_cluster(FERRY_COORDINATION__QUOTA_FLOOR=str(floor))
+    for i in range(2):
+        cluster.start_worker(f"node{i}", concurrency=2)
+    # At the floor: no pause (a pause would have lasted the 6 h window, and the batch would not end).
+    doc = run_batch(cluster, [f"{sproxy.host}/{i.repo}:v1" for i in imgs], f"{dst.host}/mirror")
+    assert doc["summary"]["synced"] == len(imgs) and above.hits == under.hits == 1
+    sproxy.wait_idle()
+    seen = sorted(sproxy.requests, key=lambda s: s.start)
+    t_under = [s for s in seen if s.method == "GET" and "/manifests/" in s.path][1].end
+    assert t_under is not None
+    # Under it: nothing reaches the registry until the reset, from any worker (a request already on
+    # its way may land within the 0.25 s a worker's view of a pause may lag).
+    late = [s for s in seen if t_under + 0.5 < s.start < t_under + reset - 0.2]
+    assert late == []
+    assert any(t_under + reset - 0.2 <= s.start <= t_under + reset + 2.0 for s in seen)
+
+
+def test_extra_credentials_from_settings_take_over_a_spent_one(make_cluster, tmp_path: Path, dst: Registry,
+                                                               make_registry: Callable[..., Registry],
+                                                               make_fault_proxy: MakeProxy) -> None:
+    users = {"admin": "admin-pw", "first": "first-pw-Zq1", "second": "second-pw-Zq2"}
+    with TokenServer(tmp_path / "tokens", users=users, acl={u: {"*": "*"} for u in users}) as ts:
+        reg = make_registry("tok", token=ts.registry_token)
+        admin = StaticKeychain({reg.host: Credential("admin", "admin-pw")})
+        with httpx.Client(auth=RegistryAuth(reg.host, admin), timeout=30) as c:
+            imgs = [push_image(Pusher(reg.url, client=c), f"lib/r{i}", layers=1) for i in range(4)]
+        proxy = make_fault_proxy(reg.host)
+        pause = 5.0
+        # The first credential's pull quota runs out on its first manifest read; blobs come slowly, so
+        # the batch is still reading when that credential is paused.
+        proxy.add_rule(Rule(too_many_requests(str(int(pause))), method="GET", path_re="/manifests/", times=1))
+        proxy.add_rule(Rule(delay(0.3), method="GET", path_re="/blobs/"))
+        registries = {proxy.host: {"username": "first", "password": users["first"],
+                                   "extra_credentials": [["second", users["second"]]]}}
+        cluster: Cluster = make_cluster(FERRY_REGISTRIES=json.dumps(registries))
+        cluster.start_worker("node0", concurrency=2)
+        ts.clear()
+        doc = run_batch(cluster, [f"{proxy.host}/{i.repo}:v1" for i in imgs], f"{dst.host}/mirror")
+    assert doc["summary"]["synced"] == len(imgs)
+    # Read from FERRY_REGISTRIES: "first" until its quota ran out, then every worker on "second" ...
+    seen = [s.user for s in ts.issued()]
+    assert seen[0] == "first" and "second" in seen and seen[seen.index("second"):].count("first") == 0
+    # ... at once: the registry was not paused for the cluster, only the spent credential was.
+    proxy.wait_idle()
+    refused = proxy.select(status=429)[0].start
+    assert [s for s in proxy.requests if refused + 0.5 < s.start < refused + pause - 0.5]
+    with cluster.redis.client() as r:
+        assert int(r.get(keys.credential(proxy.host)) or 0) == 1
+
+
+def test_a_batch_completes_when_coordination_redis_dies_mid_batch(make_cluster, src: Registry, dst: Registry,
+                                                                   src_pusher: Pusher, tmp_path: Path,
+                                                                   make_fault_proxy: MakeProxy) -> None:
+    imgs = [push_image(src_pusher, f"x/i{i}", layers=2, layer_size=8 * 1024) for i in range(10)]
+    sproxy = make_fault_proxy(src.host)
+    sproxy.add_rule(Rule(delay(0.3), method="GET", path_re=r"/manifests/"))  # a batch still running when it dies
+    coord = RedisServer(tmp_path / "coord").start()
+    try:
+        cluster: Cluster = make_cluster(FERRY_COORDINATION__URL=coord.url,
+                                        FERRY_REGISTRIES=json.dumps({sproxy.host: {"max_concurrency": 4}}))
+        for i in range(2):
+            cluster.start_worker(f"node{i}", concurrency=2)
+        listing = cluster.listing([f"{sproxy.host}/{i.repo}:v1" for i in imgs])
+        producer = cluster.producer_bg("enqueue", str(listing), "--target", f"{dst.host}/mirror", "--wait")
+        batch = cluster.latest_batch()
+        wait_until(lambda: len(cluster.hash(batch, "results")) >= 2, 60, "two images done")
+        assert len(cluster.hash(batch, "results")) < len(imgs), "the batch finished before Redis could be killed"
+        coord.kill()
+        killed = time.monotonic()
+        code, out, err = wait_proc(producer, 120)
+        took = time.monotonic() - killed
+    finally:
+        coord.stop()
+    assert code == 0, out + err + cluster.logs()[-4000:]
+    for i in imgs:
+        assert dst.manifest_digest(f"mirror/{i.repo}", "v1") == i.digest
+    assert "coordination unavailable" in cluster.logs()
+    # The README's bound: what was left of the batch, at its own pace, without waiting on the dead Redis.
+    assert took < COORDINATION_LOSS_BOUND, took

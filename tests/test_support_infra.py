@@ -20,6 +20,7 @@ from tests.support.dockerd import Dockerd, dockerd  # noqa: F401  (fixture)
 from tests.support.faultproxy import (
     FaultProxy,
     Rule,
+    add_headers,
     corrupt,
     delay,
     drop_after,
@@ -154,6 +155,14 @@ def test_status_answers_without_forwarding_for_the_first_n_matches(
     assert (r.status_code, r.content) == (503, b"busy")
     assert client.get(blob_url(proxy, image)).status_code == 200
     assert proxy.connections == 1
+
+
+def test_add_headers_forwards_the_answer_with_extra_headers(
+        proxy: FaultProxy, image: Image, client: httpx.Client) -> None:
+    proxy.add_rule(Rule(add_headers({"RateLimit-Remaining": "3;w=60"}), method="GET", path_re=r"/blobs/", times=1))
+    first, second = client.get(blob_url(proxy, image)), client.get(blob_url(proxy, image))
+    assert first.status_code == second.status_code == 200 and sha(first.content) == image.blobs[1]
+    assert first.headers["RateLimit-Remaining"] == "3;w=60" and "RateLimit-Remaining" not in second.headers
 
 
 def test_hangup_closes_without_a_response(proxy: FaultProxy, image: Image, client: httpx.Client) -> None:

@@ -78,7 +78,14 @@ class Truncate:
     nbytes: int
 
 
-Action = Status | Hangup | DropAfter | Corrupt | Stall | Delay | Truncate
+@dataclass(frozen=True)
+class AddHeaders:
+    """Forward, adding these headers to the upstream's response (e.g. a registry's quota headers)."""
+
+    headers: tuple[tuple[str, str], ...]
+
+
+Action = Status | Hangup | DropAfter | Corrupt | Stall | Delay | Truncate | AddHeaders
 
 
 def status(code: int, headers: dict[str, str] | None = None, body: bytes = b"") -> Status:
@@ -112,6 +119,10 @@ def stall(seconds: float, after: int = 0) -> Stall:
 
 def delay(seconds: float) -> Delay:
     return Delay(seconds)
+
+
+def add_headers(headers: dict[str, str]) -> AddHeaders:
+    return AddHeaders(tuple(headers.items()))
 
 
 @dataclass
@@ -418,6 +429,9 @@ class FaultProxy:
             cut = next((a.nbytes for a in actions if isinstance(a, Truncate)), None)
             if cut is not None and framing == "length":
                 out = [(k, str(min(cut, int(v))) if k.lower() == "content-length" else v) for k, v in out]
+            for a in actions:
+                if isinstance(a, AddHeaders):
+                    out += list(a.headers)
             if framing == "eof":
                 keep_alive = False
             if not keep_alive:
