@@ -8,7 +8,7 @@ TARGET ?=
 WORKERS ?= 2
 CONCURRENCY ?= 4
 
-.PHONY: venv run worker flower test test-fast test-slow test-faults test-docker test-cluster lint fmt bench clean
+.PHONY: venv run worker flower test test-fast test-slow test-faults test-docker test-cluster measure lint fmt bench clean
 
 venv: .venv/.stamp
 .venv/.stamp: pyproject.toml
@@ -46,6 +46,10 @@ test-docker: venv
 
 test-cluster: venv
 	$(PYTEST) -q -m cluster
+
+## The tests that measure the README's figures, printing each (they assert them too, in `make test`).
+measure: venv
+	$(PYTEST) -q -s -p no:cacheprovider -m measure 2>&1 | grep -E '^README|passed|failed'
 
 lint: venv
 	$(PY) -m ruff check config contract producer workers tests

@@ -23,6 +23,12 @@ from tests.support.workers import ROOT
 
 pytestmark = pytest.mark.faults
 
+VISIBILITY_TIMEOUT = 10
+# kombu sweeps for abandoned messages every timeout/5 seconds (workers/app.py).
+SWEEP = VISIBILITY_TIMEOUT / 5
+# Seconds the README allows a batch to finish once a SIGKILLed Redis is back (with 6-7 of 9 images to go).
+RESTART_BOUND = 20.0
+
 BIG = 4 * 1024 * 1024  # random bytes: gzip keeps them this size
 
 
@@ -80,10 +86,11 @@ def running_on(c: Cluster, batch: str, task: str, node: str) -> bool:
     return state.get("phase") == "running" and state.get("node") == node
 
 
+@pytest.mark.measure
 def test_worker_killed_mid_blob_is_redelivered_to_another(
         make_cluster: Callable[..., Cluster], src: Registry, dst: Registry, src_pusher: Pusher,
         make_fault_proxy: Callable[[str], FaultProxy]) -> None:
-    c = make_cluster(FERRY_VISIBILITY_TIMEOUT="10")
+    c = make_cluster(FERRY_VISIBILITY_TIMEOUT=str(VISIBILITY_TIMEOUT))
     for n in ("a", "b"):
         c.start_worker(f"node-{n}", concurrency=1)
     imgs = corpus(src_pusher)
@@ -101,7 +108,8 @@ def test_worker_killed_mid_blob_is_redelivered_to_another(
     survivor = next(w.node for w in c.workers if w.node != victim)
     wait_until(lambda: running_on(c, batch, big, survivor) or big in c.hash(batch, "results"), 90, "redelivery")
     redelivered = time.monotonic() - killed_at
-    print(f"\nredelivery after SIGKILL of the whole worker: {redelivered:.1f} s (visibility timeout 10 s)")
+    print(f"\nREADME (redelivery): another worker took the task {redelivered:.1f} s after the SIGKILL "
+          f"(visibility timeout {VISIBILITY_TIMEOUT} s)")
 
     code, out, err = wait_proc(run, 180)
     assert code == 0, out + err
@@ -110,8 +118,9 @@ def test_worker_killed_mid_blob_is_redelivered_to_another(
     # "already up to date": the first success stays recorded).
     result = c.results(batch)[big]
     assert result["status"] == "synced" and result["node"] == survivor, result
-    # Redis gave it back only after the visibility timeout, and not much later.
-    assert 8 <= redelivered <= 60
+    # The README's range: the visibility timeout from the delivery (a little before the kill: at most
+    # SWEEP earlier), then at most one sweep, and a second to pick it up.
+    assert VISIBILITY_TIMEOUT - SWEEP <= redelivered <= VISIBILITY_TIMEOUT + SWEEP + 1, redelivered
 
 
 def test_killed_pool_process_is_requeued_at_once(
@@ -149,6 +158,7 @@ def slow_manifests(proxy: FaultProxy, seconds: float) -> None:
     proxy.add_rule(Rule(delay(seconds), method="GET", path_re=r"/small/[^/]+/manifests/"))
 
 
+@pytest.mark.measure
 def test_broker_restart_mid_batch_loses_nothing(
         make_cluster: Callable[..., Cluster], src: Registry, dst: Registry, src_pusher: Pusher,
         make_fault_proxy: Callable[[str], FaultProxy]) -> None:
@@ -172,14 +182,18 @@ def test_broker_restart_mid_batch_loses_nothing(
     restarted_at = time.monotonic()
 
     code, out, err = wait_proc(run, 120)
-    print(f"\nbroker restart: batch finished {time.monotonic() - restarted_at:.1f} s after Redis came back "
-          f"({done_before}/{len(imgs)} done before the kill)")
+    recovered = time.monotonic() - restarted_at
+    print(f"\nREADME (Redis restart): the batch finished {recovered:.1f} s after Redis came back "
+          f"({len(imgs) - done_before} of {len(imgs)} images still to copy at the kill)")
     assert code == 0, out + err
+    assert recovered < RESTART_BOUND
     assert_mirrored(dst, imgs)
     results = c.results(batch)
     assert len(results) == len(imgs) and all(r["status"] == "synced" for r in results.values())
     for w in c.workers:
         assert w.proc is not None and w.proc.poll() is None, f"{w.node} did not survive the broker restart"
+    # Reconnecting is routine: no notice from Celery about what it may do in a later version.
+    assert "CPendingDeprecationWarning" not in c.logs()
 
 
 PUBLISH = """

@@ -12,6 +12,8 @@ from config.reference import Reference
 from producer.listfile import LineError, ListEntry, ListFileError, parse_list
 
 SHA = "sha256:" + "a" * 64
+# The README: a 100,000-line list takes 1.3-2.2 s of CPU on a busy 2-core machine; held under this.
+PARSE_100K_CPU_S = 3.0
 
 SAMPLE = f"""\
 # comment, blank lines ignored
@@ -242,6 +244,7 @@ def test_long_error_text_is_truncated_for_display() -> None:
     assert error.text.endswith("...")
 
 
+@pytest.mark.measure
 def test_hundred_thousand_lines_parse_quickly() -> None:
     lines = [
         f"--platform=linux/amd64 registry.example.com/team{i % 97}/app-{i}:v{i}.0  # comment {i}"
@@ -252,21 +255,22 @@ def test_hundred_thousand_lines_parse_quickly() -> None:
         for i in range(100_000)
     ]
     data = "\n".join(lines).encode()
-    started = time.perf_counter()
+    # CPU time, not wall time: on a shared machine other processes' load would be measured too.
+    started = time.process_time()
     parsed = parse_list(data)
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     assert len(parsed.entries) == 100_000
     assert str(parsed.entries[-3].source) == f"quay.io/org/image99997@sha256:{99997:064x}"
     assert [str(p) for p in parsed.entries[-1].platforms] == ["linux/amd64"]
-    # Well under a second on an idle machine; the margin covers a busy shared one.
-    assert elapsed < 3.0, elapsed
+    print(f"\nREADME (parse): 100,000 lines parsed in {elapsed:.2f} s of CPU")
+    assert elapsed < PARSE_100K_CPU_S, elapsed
 
 
 def test_hundred_thousand_bad_lines_are_all_reported() -> None:
     data = b"\n".join(b"BAD%d" % i for i in range(100_000))
-    started = time.perf_counter()
+    started = time.process_time()
     errors = _errors(data)
-    assert time.perf_counter() - started < 5.0
+    assert time.process_time() - started < 2 * PARSE_100K_CPU_S
     assert len(errors) == 100_000
     assert errors[-1].line == 100_000
 

@@ -79,13 +79,21 @@ class Truncate:
 
 
 @dataclass(frozen=True)
+class Throttle:
+    """Forward, sending the response body no faster than ``bytes_per_second`` (one connection's share
+    of a long-distance link)."""
+
+    bytes_per_second: float
+
+
+@dataclass(frozen=True)
 class AddHeaders:
     """Forward, adding these headers to the upstream's response (e.g. a registry's quota headers)."""
 
     headers: tuple[tuple[str, str], ...]
 
 
-Action = Status | Hangup | DropAfter | Corrupt | Stall | Delay | Truncate | AddHeaders
+Action = Status | Hangup | DropAfter | Corrupt | Stall | Delay | Truncate | Throttle | AddHeaders
 
 
 def status(code: int, headers: dict[str, str] | None = None, body: bytes = b"") -> Status:
@@ -119,6 +127,10 @@ def stall(seconds: float, after: int = 0) -> Stall:
 
 def delay(seconds: float) -> Delay:
     return Delay(seconds)
+
+
+def throttle(bytes_per_second: float) -> Throttle:
+    return Throttle(bytes_per_second)
 
 
 def add_headers(headers: dict[str, str]) -> AddHeaders:
@@ -611,11 +623,15 @@ async def _send_body(w: asyncio.StreamWriter, payload: AsyncGenerator[bytes, Non
     drop = next((a.nbytes for a in actions if isinstance(a, DropAfter)), None)
     flips = {a.offset for a in actions if isinstance(a, Corrupt)}
     pause = next((a for a in actions if isinstance(a, Stall)), None)
+    rate = next((a.bytes_per_second for a in actions if isinstance(a, Throttle)), None)
     sent = 0
+    began = time.monotonic()
 
     async def emit(piece: bytes) -> None:
         w.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
         await w.drain()
+        if rate is not None:  # hold the pace: `sent` bytes no sooner than sent / rate seconds in
+            await asyncio.sleep(max(0.0, began + (sent + len(piece)) / rate - time.monotonic()))
 
     async for data in payload:
         while data:
