@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -87,7 +88,7 @@ def test_lease_waiter_skips_after_a_successful_holder(coords) -> None:  # type: 
     assert got == [False]
 
 
-def test_lease_passes_on_after_a_failed_holder(coords) -> None:  # type: ignore[no-untyped-def]
+def test_lease_passes_on_after_a_failed_holder(coords, redis_server: RedisServer) -> None:  # type: ignore[no-untyped-def]
     a, b = coords(owner="a", lease_ttl=5.0), coords(owner="b", lease_ttl=5.0)
     got: list[tuple[bool, float]] = []
     t0 = time.monotonic()
@@ -96,11 +97,16 @@ def test_lease_passes_on_after_a_failed_holder(coords) -> None:  # type: ignore[
         with b.upload_lease("r", DIGEST) as held:
             got.append((held, time.monotonic() - t0))
 
-    with pytest.raises(RuntimeError), a.upload_lease("r", DIGEST) as held:
+    def gets(raw: Any) -> int:
+        return int(raw.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
+
+    with pytest.raises(RuntimeError), a.upload_lease("r", DIGEST) as held, redis_server.client() as raw:
         assert held
+        before = gets(raw)
         t = threading.Thread(target=wait)
         t.start()
-        time.sleep(0.5)
+        # b is waiting: it has looked at the held lease again and again.
+        wait_until(lambda: gets(raw) >= before + 3, 5, "the second worker waiting on the lease")
         raise RuntimeError("upload failed")
     t.join(5)
     assert got and got[0][0] is True and got[0][1] < 2.0  # at once, not after the TTL
@@ -255,7 +261,6 @@ def test_quota_headers() -> None:
         (3, 1030.0)
     assert quota_reset(_response(429, {"RateLimit-Reset": "1700000000"}), 1, now) == (None, 1700000000.0)
     assert quota_reset(_response(429, {}), 1, now) == (None, 1002.0)
-    wait_until(lambda: True)
 
 
 def test_a_blob_the_ledger_lists_but_the_registry_dropped_is_copied_again(

@@ -59,6 +59,11 @@ def test_two_targets_download_each_blob_once_per_node(
         assert r.returncode == 0, r.stdout + r.stderr
         batch = json.loads(r.stdout[r.stdout.index("{"):])["batch_id"]
         wait_for_cleanups(redis_server, batch, 10)
+        # status shows the cleanups as they land: here, all of them.
+        st = run_producer(["status", batch, "--json", "-"], env)
+        assert st.returncode == 0, st.stdout + st.stderr
+        status = json.loads(st.stdout)
+        assert status["cleanups_done"] == status["cleanups_expected"] == 10
         r = run_producer(["report", batch, "--json", "-"], env)
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
