@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from tests.support.faultproxy import make_fault_proxy  # noqa: F401
 from tests.support.images import Pusher
 from tests.support.redis import redis_server, redis_session  # noqa: F401
 from tests.support.registry import Registry
+from tests.support.skips import pytest_runtest_makereport, pytest_terminal_summary  # noqa: F401  (hooks)
 
 
 @pytest.fixture
@@ -45,36 +45,3 @@ def src_pusher(src: Registry) -> Iterator[Pusher]:
     p = Pusher(src.url)
     yield p
     p.client.close()
-
-
-
-# A suite that cannot get its component (dockerd not startable, not root, a binary missing) skips on a
-# developer's machine, loudly; under CI=true it fails with the reason, so CI never passes by skipping.
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def _skip_reason(report: pytest.TestReport) -> str:
-    longrepr = report.longrepr
-    return str(longrepr[2]) if isinstance(longrepr, tuple) else str(longrepr)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, object, None]:
-    outcome = yield
-    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
-    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
-        report.outcome = "failed"
-        report.longrepr = f"CI=true: this suite could not run, and CI must not pass by skipping it: " \
-                          f"{_skip_reason(report).removeprefix('Skipped: ')}"
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    skipped = terminalreporter.stats.get("skipped", [])
-    if not skipped:
-        return
-    reasons = sorted({_skip_reason(r).removeprefix("Skipped: ") for r in skipped})
-    terminalreporter.section("components missing", sep="!", red=True, bold=True)
-    terminalreporter.write_line(f"{len(skipped)} test(s) SKIPPED because they could not get a component "
-                                "(under CI=true these fail):", red=True, bold=True)
-    for reason in reasons:
-        terminalreporter.write_line(f"  - {reason}", red=True)

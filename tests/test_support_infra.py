@@ -422,7 +422,7 @@ def test_needs_a_component():
 def test_a_skip_fails_under_ci_and_is_loud_elsewhere(tmp_path: Path, ci: str, code: int, says: str) -> None:
     (tmp_path / "test_skipping.py").write_text(SKIPPING)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-c", os.devnull, "-p", "no:cacheprovider",
-                        "-p", "tests.conftest", "--rootdir", str(tmp_path), str(tmp_path)],
+                        "-p", "tests.support.skips", "--rootdir", str(tmp_path), str(tmp_path)],
                        cwd=ROOT, env={**os.environ, "CI": ci}, capture_output=True, text=True, timeout=120)
     assert r.returncode == code, r.stdout + r.stderr
     assert says in r.stdout, r.stdout
