@@ -49,7 +49,7 @@ test-cluster: venv
 
 ## The tests that measure the README's figures, printing each (they assert them too, in `make test`).
 measure: venv
-	$(PYTEST) -q -s -p no:cacheprovider -m measure 2>&1 | grep -E '^README|passed|failed'
+	$(PYTEST) -q -s -p no:cacheprovider -m measure
 
 lint: venv
 	$(PY) -m ruff check config contract producer workers tests
