@@ -103,11 +103,18 @@ def _keep_tasks_through_reconnects() -> None:
     """Celery warns on every broker reconnect that it will start cancelling running tasks in 6.0.
     ferry sets worker_cancel_long_running_tasks_on_connection_loss=False on purpose: a copy in
     flight finishes and its outcome write rides out the outage, where a cancelled one would wait
-    for the visibility timeout (hours) to run again. The choice is explicit, so the notice is noise."""
-    from celery.exceptions import CPendingDeprecationWarning
+    for the visibility timeout (hours) to run again. The choice is explicit, so the notice is noise.
 
-    warnings.filterwarnings("ignore", category=CPendingDeprecationWarning,
-                            message=r"\s*In Celery 5\.1 we introduced an optional breaking change")
+    Celery's logging setup turns every CPendingDeprecationWarning on ("always"), so the filter
+    goes in after it, once the worker is set up."""
+    from celery.exceptions import CPendingDeprecationWarning
+    from celery.signals import celeryd_after_setup
+
+    def ignore_notice(**_: object) -> None:
+        warnings.filterwarnings("ignore", category=CPendingDeprecationWarning,
+                                message=r"\s*In Celery 5\.1 we introduced an optional breaking change")
+
+    celeryd_after_setup.connect(ignore_notice, weak=False)
 
 
 def _flower(app: Any, args: argparse.Namespace) -> int:
