@@ -126,8 +126,9 @@ def render(console: Console, snap: BatchSnapshot, summary: Summary, *, details: 
         table.add_row("active time", describe.human_seconds(summary.elapsed))
         table.add_row("wall time", describe.human_seconds(summary.wall))
     table.add_row("average rate", describe.human_rate(summary.bytes, summary.elapsed))
-    if summary.cleanups_expected or summary.freed_bytes:
-        so_far = "" if summary.cleanups_done >= summary.cleanups_expected else \
+    all_in = summary.cleanups_expected > 0 and summary.cleanups_done >= summary.cleanups_expected
+    if summary.freed_bytes or all_in:  # nothing freed yet by cleanups still to come: no row
+        so_far = "" if all_in or not summary.cleanups_expected else \
             f" ({summary.cleanups_done} of {summary.cleanups_expected} cleanups so far)"
         table.add_row("freed by cleanup", describe.human_bytes(summary.freed_bytes) + so_far)
     console.print(table)

@@ -49,10 +49,9 @@ def test_missing_tag_and_repository_read_once_and_precisely(
     live = [ln for ln in term.lines() if ln.startswith("failed line")]
     assert sorted(live) == [f"failed line 2: no tag v9.9 in {src.host}/apps/worker",
                                  f"failed line 3: no repository {src.host}/apps/nope"]
-    summary = [ln for ln in term.lines() if ln.startswith("FAILED line")]
-    assert summary == [f"FAILED line 2: no tag v9.9 in {src.host}/apps/worker",
-                       f"FAILED line 3: no repository {src.host}/apps/nope"]
-    for line in live + summary:  # the image named once per line
+    # Each reason once: as it happened; the summary's table counts the failures without repeating them.
+    assert [ln for ln in term.lines() if ln.lower().startswith("failed line")] == live
+    for line in live:  # the image named once per line
         assert line.count(f"{src.host}/apps/") == 1, line
     assert "manifest unknown" not in out
     # The bar ends on bytes moved of bytes expected; the summary adds the average rate.
