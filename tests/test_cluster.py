@@ -28,8 +28,9 @@ from tests.support.redis import RedisServer
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 from workers.cluster.coordinator import RedisCoordinator
-from workers.engine.auth import Credential, RegistryAuth, StaticKeychain
+from workers.engine.auth import RegistryAuth
 from workers.engine.cache import BlobCache, CachePolicy
+from workers.engine.keychain import Credential, StaticKeychain
 from workers.engine.local_coordinator import LocalCoordinator
 from workers.engine.protocols import Coordinator
 from workers.engine.registry import RegistryEngine, RegistryOptions
