@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from config.describe import cleanup_task_name
 from config.jobs import SyncJob
 from contract import keys
 from tests.support.cluster import Cluster, make_cluster_fixture, wait_proc  # noqa: F401  (fixture)
@@ -275,9 +276,14 @@ def test_periodic_cleanup_runs_on_its_own(make_cluster, tmp_path: Path) -> None:
     # No sync, no chained cleanup: only the node's own timer sends ferry.cleanup.
     # Looked at by path: cache.get() would mark the blob as just used.
     wait_until(lambda: not path.exists(), 10 * interval + 10, "the periodic cleanup to expire the blob")
-    wait_until(lambda: w.log().count("ferry.cleanup[") >= 2 * 2, 10 * interval + 10, "a second periodic cleanup")
-    runs = w.log().count("Task ferry.cleanup[")  # "received" and "succeeded" lines, one pair per run
-    assert runs >= 2 and time.monotonic() - started <= runs * interval + 10
+    # Celery logs each run as "Task cleanup node0 periodic[<id>] succeeded ...".
+    periodic = re.compile(re.escape(cleanup_task_name("node0", "periodic")) + r"\[[^\]]+\] succeeded")
+
+    def runs() -> int:
+        return len(periodic.findall(w.log()))
+
+    wait_until(lambda: runs() >= 2, 10 * interval + 10, "a second periodic cleanup")
+    assert time.monotonic() - started <= runs() * interval + 10
 
 
 def test_small_images_are_not_held_up_by_a_large_one(make_cluster, src: Registry, dst: Registry,
