@@ -347,7 +347,7 @@ def test_max_parallelism_caps_the_pulls_and_pushes_of_a_node(
         assert peak_overlap(repo_spans(dproxy)) == limit
     finally:
         for e, j in zip(engines, jobs, strict=True):
-            e.cleanup(3600.0, remove=e.images_for(j))
+            e.cleanup(remove=images_for(e, j))
             e.close()
 
 
@@ -393,9 +393,9 @@ def test_cleanup_prunes_dangling_images_and_build_cache_older_than_keep_duration
     # Older than keep_duration: only what the first builds left; the second builds are younger.
     keep = int(time.time() - new_start) + 2  # > the new builds' age, < the old ones' (at least `age` more)
 
-    engine = make_engine(dockerd)
+    engine, everything = make_engine(dockerd, keep_duration=float(keep)), make_engine(dockerd, keep_duration=0.0)
     try:
-        stats = engine.cleanup(float(keep))
+        stats = engine.cleanup()
         assert stats.errors == ()
         assert stats.freed_items >= len(old_images) + len(old_cache) and stats.freed_bytes > 0
         left_images, left_cache = dangling(client), set(build_cache(client))
@@ -403,11 +403,12 @@ def test_cleanup_prunes_dangling_images_and_build_cache_older_than_keep_duration
         assert new_images <= left_images and new_cache <= left_cache
         assert tagged <= {i.id for i in client.images.list()}  # tagged images are never pruned
 
-        engine.cleanup(0.0)
+        everything.cleanup()
         assert new_images.isdisjoint(dangling(client))
         assert new_cache.isdisjoint(build_cache(client))
     finally:
         for tag in ("ferry-prune/x:old", "ferry-prune/x:new"):
             client.images.remove(tag, force=True)
-        engine.cleanup(0.0)
+        everything.cleanup()
         engine.close()
+        everything.close()
