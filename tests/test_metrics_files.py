@@ -110,3 +110,53 @@ def test_counting_one_image_costs_a_fraction_of_a_millisecond(tmp_path: Path) ->
     assert 0 < ms < MAX_RECORDING_MS
     # The counts really went to the per-process files a worker's endpoint adds up.
     assert list(tmp_path.glob("counter_*.db")) and list(tmp_path.glob("histogram_*.db"))
+
+
+def test_threads_of_one_process_count_exactly_what_a_scrape_adds_up(tmp_path: Path) -> None:
+    # A thread pool runs every image in the worker's one process: counts must not be lost between threads,
+    # and in-flight images of a live process stay in the gauge.
+    script = textwrap.dedent(f"""
+        import threading
+        from pathlib import Path
+        from workers.metrics import use_directory
+        use_directory(Path({str(tmp_path)!r}))
+        from prometheus_client import CollectorRegistry, generate_latest
+        from config.jobs import SyncResult
+        from workers.metrics.exporter import WorkerProcesses
+        from workers.metrics.families import PrometheusRecorder
+
+        r = PrometheusRecorder()
+        result = SyncResult(batch_id="b", source="ghcr.io/org/app:v1", status="up_to_date", duration_s=0.1)
+        hold, go = threading.Event(), threading.Barrier(9)
+
+        def images():
+            go.wait()
+            for _ in range(500):
+                with r.in_flight():
+                    r.request("ghcr.io", 200)
+                    r.request("ghcr.io", 200)
+                r.image_finished(result)
+
+        def held():
+            with r.in_flight():
+                go.wait()
+                hold.wait()
+
+        threads = [threading.Thread(target=images) for _ in range(8)] + [threading.Thread(target=held)]
+        for t in threads:
+            t.start()
+        for t in threads[:8]:
+            t.join()
+        registry = CollectorRegistry()
+        WorkerProcesses(registry, {str(tmp_path)!r})
+        print(generate_latest(registry).decode())
+        hold.set()
+        threads[8].join()
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert 'ferry_images_total{result="up_to_date",source_registry="ghcr.io"} 4000.0' in lines
+    assert 'ferry_registry_requests_total{code="200",registry="ghcr.io"} 8000.0' in lines
+    assert 'ferry_image_duration_seconds_count{result="up_to_date"} 4000.0' in lines
+    assert "ferry_images_in_flight 1.0" in lines
