@@ -160,3 +160,40 @@ def test_threads_of_one_process_count_exactly_what_a_scrape_adds_up(tmp_path: Pa
     assert 'ferry_registry_requests_total{code="200",registry="ghcr.io"} 8000.0' in lines
     assert 'ferry_image_duration_seconds_count{result="up_to_date"} 4000.0' in lines
     assert "ferry_images_in_flight 1.0" in lines
+
+
+def test_a_killed_pool_process_keeps_its_counts_but_leaves_nothing_in_flight(tmp_path: Path) -> None:
+    # As under prefork: a forked child counts an image, starts another and is SIGKILLed mid-copy.
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from workers.metrics import use_directory
+        use_directory(Path({str(tmp_path)!r}))
+        from prometheus_client import CollectorRegistry, generate_latest
+        from config.jobs import SyncResult
+        from workers.metrics.exporter import WorkerProcesses
+        from workers.metrics.families import PrometheusRecorder
+
+        r = PrometheusRecorder()
+        registry = CollectorRegistry()
+        WorkerProcesses(registry, {str(tmp_path)!r})
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            r.image_finished(SyncResult(batch_id="b", source="quay.io/org/app:v1", status="synced"))
+            with r.in_flight():
+                os.write(ready_w, b"x")
+                signal.pause()
+        os.read(ready_r, 1)
+        print(generate_latest(registry).decode())
+        print("--- killed")
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        print(generate_latest(registry).decode())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    before, after = (part.splitlines() for part in out.stdout.split("--- killed"))
+    synced = 'ferry_images_total{result="synced",source_registry="quay.io"} 1.0'
+    assert synced in before and "ferry_images_in_flight 1.0" in before
+    assert synced in after and "ferry_images_in_flight 0.0" in after
