@@ -73,7 +73,7 @@ def test_counting_one_image_costs_a_fraction_of_a_millisecond(tmp_path: Path) ->
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from workers.metrics import use_directory
+        from workers.metrics.directory import use_directory
         use_directory(Path({str(tmp_path)!r}))
         from config.jobs import CleanupResult, DestinationResult, SyncResult
         from workers.metrics.families import PrometheusRecorder
@@ -118,7 +118,7 @@ def test_threads_of_one_process_count_exactly_what_a_scrape_adds_up(tmp_path: Pa
     script = textwrap.dedent(f"""
         import threading
         from pathlib import Path
-        from workers.metrics import use_directory
+        from workers.metrics.directory import use_directory
         use_directory(Path({str(tmp_path)!r}))
         from prometheus_client import CollectorRegistry, generate_latest
         from config.jobs import SyncResult
@@ -167,7 +167,7 @@ def test_a_killed_pool_process_keeps_its_counts_but_leaves_nothing_in_flight(tmp
     script = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
-        from workers.metrics import use_directory
+        from workers.metrics.directory import use_directory
         use_directory(Path({str(tmp_path)!r}))
         from prometheus_client import CollectorRegistry, generate_latest
         from config.jobs import SyncResult

@@ -8,10 +8,7 @@ them. The engine sees only the ``Observer`` part (workers/engine/protocols.py).
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Protocol
 
 from config.jobs import CleanupResult, SyncResult
@@ -45,17 +42,3 @@ class NoRecorder(NoObserver):
     def cleanup_finished(self, result: CleanupResult) -> None:
         pass
 
-
-def default_directory(port: int) -> Path:
-    """One directory per port: two workers on a machine never share (or empty) each other's."""
-    return Path(tempfile.gettempdir()) / f"ferry-metrics-{port}"
-
-
-def use_directory(path: Path) -> None:
-    """Make ``path`` where this worker's processes keep their counts, emptied of an earlier run's.
-
-    Must run before prometheus_client is first imported: it picks its storage then."""
-    path.mkdir(parents=True, exist_ok=True)
-    for old in path.glob("*.db"):
-        old.unlink()
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)

@@ -12,7 +12,8 @@ from contract.batches import BatchStore
 from contract.broker import SYNC_QUEUE, node_queue
 from workers import runtime
 from workers.engine.cache import BlobCache
-from workers.metrics import Recorder, default_directory, use_directory
+from workers.metrics import Recorder
+from workers.metrics.directory import default_directory, use_directory
 from workers.presence import Presence
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ multiprocess mode); a scrape adds them up. Counts of processes that ended stay i
 their share of live gauges (images in flight) goes when they exit: at once on a clean exit,
 at the next scrape when one was killed.
 
-Import this module only after ``workers.metrics.use_directory``.
+Import this module only after ``workers.metrics.directory.use_directory``.
 """
 
 from __future__ import annotations

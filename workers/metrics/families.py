@@ -5,7 +5,7 @@ metrics from it, the dashboard and alert tests check their expressions against i
 Labels carry registry hosts, outcomes and node or queue names — never credentials, tags
 or digests.
 
-Import this module only after ``workers.metrics.exporter.use_directory``: prometheus_client
+Import this module only after ``workers.metrics.directory.use_directory``: prometheus_client
 picks its multiprocess storage when it is first imported.
 """
 
