@@ -183,8 +183,12 @@ def test_prometheus_sees_what_the_batches_report(
         assert prom.query(expr), f"dashboard query answers nothing: {expr}"
     rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
     assert len(rules) == 4 and all(r["health"] == "ok" for r in rules), rules
-    firing = {a["labels"]["alertname"] for a in prom.api("alerts")["alerts"] if a["state"] == "firing"}
-    assert "FerryImagesFailed" in firing and "FerryNoWorkerOnline" not in firing
+
+    def firing() -> set[str]:
+        return {a["labels"]["alertname"] for a in prom.api("alerts")["alerts"] if a["state"] == "firing"}
+
+    wait_until(lambda: "FerryImagesFailed" in firing(), 15, "the failures alert")
+    assert "FerryNoWorkerOnline" not in firing()
 
     # Labels carry hosts, outcomes and names: no credentials, tags or digests.
     series = prom.api("series", **{"match[]": '{__name__=~"ferry_.*"}'})

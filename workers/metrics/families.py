@@ -111,6 +111,9 @@ class PrometheusRecorder:
         self._request_retries = self.retries.labels("request")
         self._image_retries = self.retries.labels("image")
         self._blob_actions = {a: self.blobs.labels(a) for a in ("copied", "mounted", "skipped")}
+        # Series that exist from the start at 0, so increase() sees the first failure too.
+        for result in ("synced", "up_to_date", "failed"):
+            self.duration.labels(result)
 
     # -- the engine's Observer
 
