@@ -24,7 +24,7 @@ from workers.engine.cache import BlobCache, CachePolicy
 from workers.engine.docker import DockerEngine
 from workers.engine.keychain import Credential, Keychain, configured_keychain
 from workers.engine.local_coordinator import LocalCoordinator
-from workers.engine.protocols import Coordinator, Engine, NoObserver, Observer
+from workers.engine.protocols import Coordinator, Engine, Observer
 from workers.engine.registry import RegistryEngine, RegistryOptions
 from workers.engine.tls import client_context
 from workers.metrics import NoRecorder, Recorder
@@ -170,7 +170,7 @@ def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = 
             range_threshold=int(s.range_threshold),
         )
         return RegistryEngine(options, keychain=keychain, cache=cache, coordinator=coordinator,
-                              observer=observer or NoObserver())
+                              observer=observer)
     raise ValueError(f"unknown engine {name!r}: choose registry or docker")
 
 
