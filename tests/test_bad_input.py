@@ -127,7 +127,7 @@ def test_worker_whose_metrics_port_is_taken_says_so(tmp_path: Path, redis_server
         taken.listen()
         port = taken.getsockname()[1]
         r = workers_cmd([], ferry_env(redis_server.url, tmp_path, FERRY_METRICS_PORT=str(port),
-                                      FERRY_METRICS_ADDRESS="127.0.0.1"))
+                                      FERRY_METRICS_ADDRESS="127.0.0.1", FERRY_METRICS_DIR=str(tmp_path / "m")))
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"cannot serve metrics on 127.0.0.1:{port} (FERRY_METRICS_PORT)" in one_error_line(r.stderr)
     assert_nothing_enqueued(redis_server)

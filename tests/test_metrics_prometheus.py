@@ -135,7 +135,7 @@ def test_prometheus_sees_what_the_batches_report(
     c = make_cluster(FERRY_CLEANUP_INTERVAL="0", FERRY_CACHE__KEEP_DURATION="0",
                      FERRY_REGISTRIES=json.dumps({dst.host: {"username": USER, "password": PASSWORD}}))
     for node, port in ports.items():
-        c.start_worker(node, concurrency=2, FERRY_METRICS_PORT=str(port))
+        c.start_worker(node, concurrency=2, FERRY_METRICS_PORT=str(port), FERRY_METRICS_DIR=str(c.tmp / node))
     wait_equal(lambda: prom.scalar('sum(up{job="ferry"})'), 2.0, "both workers scraped")
     started = time.time()
 
