@@ -186,9 +186,9 @@ class RegistryTransport:
         except httpx.TooManyRedirects as exc:
             raise RegistryError("too many redirects", url=safe_url,
                                 reference=str(reference) if reference else None) from exc
-        self.observer.request(host, response.status_code)
         self._note_quota(host, response)
         self._note_latency(host, time.monotonic() - started)
+        self.observer.request(host, response.status_code)
         try:
             if response.status_code not in set(ok):
                 raise error_from_response(response, reference=reference)
