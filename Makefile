@@ -8,7 +8,7 @@ TARGET ?=
 WORKERS ?= 2
 CONCURRENCY ?= 4
 
-.PHONY: venv run worker flower test test-fast test-slow test-faults test-docker test-cluster measure lint fmt bench clean
+.PHONY: venv run worker flower test test-fast test-slow test-faults test-docker test-cluster measure test-metrics lint fmt bench clean
 
 venv: .venv/.stamp
 .venv/.stamp: pyproject.toml
@@ -33,7 +33,7 @@ test: venv
 	$(PYTEST) -q -p no:cacheprovider
 
 test-fast: venv
-	$(PYTEST) -q -m "not slow and not faults and not docker and not cluster"
+	$(PYTEST) -q -m "not slow and not faults and not docker and not cluster and not metrics"
 
 test-slow: venv
 	$(PYTEST) -q -m slow
@@ -50,6 +50,9 @@ test-cluster: venv
 ## The tests that measure the README's figures, printing each (they assert them too, in `make test`).
 measure: venv
 	$(PYTEST) -q -s -p no:cacheprovider -m measure
+
+test-metrics: venv
+	$(PYTEST) -q -m metrics
 
 lint: venv
 	$(PY) -m ruff check config contract producer workers tests

@@ -114,6 +114,12 @@ class FerrySettings(BaseSettings):
     cleanup_interval: NonNegativeInt = 600
     # Seconds between checks of the cache filesystem's free space against cache.min_free_bytes.
     disk_check_interval: NonNegativeInt = 15
+    # A worker's Prometheus endpoint: off unless a port is given.
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    metrics_address: str = "0.0.0.0"
+    # Where the worker's processes keep their counts (emptied at start); default: one directory per
+    # port under the system's temporary directory.
+    metrics_dir: str | None = None
 
     @field_validator("broker_url", "result_url")
     @classmethod

@@ -156,6 +156,16 @@ class BatchStore:
     def recent(self, limit: int = 20) -> list[str]:
         return [b.decode() for b in self.r.zrevrange(keys.BATCH_INDEX, 0, limit - 1)]
 
+    def created_since(self, since: float) -> list[str]:
+        return [b.decode() for b in self.r.zrangebyscore(keys.BATCH_INDEX, since, "+inf")]
+
+    def result_counts(self, batch_ids: list[str]) -> list[int]:
+        """How many tasks of each batch have an outcome, in one round trip."""
+        with self.r.pipeline() as p:
+            for b in batch_ids:
+                p.hlen(keys.batch(b, "results"))
+            return [int(n) for n in p.execute()]
+
 
 def _ints(raw: dict[bytes, bytes]) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in raw.items()}

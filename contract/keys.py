@@ -10,6 +10,10 @@ Batches (producer and tasks; all expire after the result TTL):
   ferry:batch:<id>:cleanups   hash cleanup task_id -> CleanupResult JSON
   ferry:batches               sorted set of batch ids by creation time
 
+Workers and their metrics:
+  ferry:workers               sorted set worker (node@host) -> when it last reported in
+  ferry:metrics:cluster       which worker's endpoint exports the cluster gauges (a short lease)
+
 Cluster coordination (workers) lives under ``ferry:coord:``.
 """
 
@@ -19,6 +23,8 @@ PREFIX = "ferry"
 BATCH_PREFIX = f"{PREFIX}:batch"
 BATCH_INDEX = f"{PREFIX}:batches"
 COORD_PREFIX = f"{PREFIX}:coord"
+WORKERS = f"{PREFIX}:workers"
+METRICS_LEASE = f"{PREFIX}:metrics:cluster"
 
 
 def batch(batch_id: str, part: str) -> str:

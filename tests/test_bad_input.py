@@ -4,6 +4,7 @@ nothing; a registry answering garbage fails that image and the worker carries on
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -109,9 +110,11 @@ def test_producer_bad_settings(tmp_path: Path, redis_server: RedisServer, env: d
     ({"FERRY_LOGLEVEL": "chatty"}, [], "--loglevel (FERRY_LOGLEVEL) must be one of"),
     ({"FERRY_DOCKER_CONFIG": "/nonexistent/ferry/config.json"}, [], "FERRY_DOCKER_CONFIG: /nonexistent"),
     ({"FERRY_DOCKER_CONFIG": "/"}, [], "FERRY_DOCKER_CONFIG: the directory / holds no config.json"),
+    ({"FERRY_METRICS_PORT": "0"}, [], "FERRY_METRICS_PORT"),
+    ({}, ["--metrics-port", "70000"], "FERRY_METRICS_PORT"),
 ], ids=["cli-concurrency", "env-concurrency", "env-engine", "cli-engine", "broker-url", "open-flower",
         "open-flower-subdomain", "cli-loglevel", "env-loglevel", "docker-config-missing",
-        "docker-config-dir-without-file"])
+        "docker-config-dir-without-file", "env-metrics-port", "cli-metrics-port"])
 def test_worker_bad_settings(tmp_path: Path, redis_server: RedisServer, env: dict[str, str], args: list[str],
                              expected: str) -> None:
     r = workers_cmd(args, ferry_env(redis_server.url, tmp_path, **env))
@@ -129,6 +132,18 @@ def test_standalone_refuses_a_missing_docker_config_before_starting_anything(tmp
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"FERRY_DOCKER_CONFIG: {tmp_path / 'nope'} does not exist" in one_error_line(r.stderr)
     assert "standalone: started" not in r.stderr
+
+
+def test_worker_whose_metrics_port_is_taken_says_so(tmp_path: Path, redis_server: RedisServer) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = workers_cmd([], ferry_env(redis_server.url, tmp_path, FERRY_METRICS_PORT=str(port),
+                                      FERRY_METRICS_ADDRESS="127.0.0.1", FERRY_METRICS_DIR=str(tmp_path / "m")))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port} (FERRY_METRICS_PORT)" in one_error_line(r.stderr)
+    assert_nothing_enqueued(redis_server)
 
 
 def test_worker_waits_for_an_unreachable_broker_and_says_so(tmp_path: Path) -> None:

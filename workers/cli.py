@@ -17,6 +17,8 @@ from contract.broker import SYNC_QUEUE, node_queue
 from workers import runtime
 from workers.app import configure
 from workers.engine.keychain import docker_config_file
+from workers.metrics import Recorder
+from workers.presence import make_presence_step
 from workers.upkeep import make_upkeep_step
 
 USAGE_ERROR = 2
@@ -41,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--autoscale", help="MAX,MIN pool processes scaled by load (FERRY_AUTOSCALE); "
                    "replaces --concurrency")
     p.add_argument("--engine", help="default engine for this node's cleanup: registry or docker")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (FERRY_METRICS_PORT)")
     p.add_argument("--loglevel", default=os.environ.get("FERRY_LOGLEVEL", "INFO"))
     sub = p.add_subparsers(dest="command")
     sub.add_parser("worker", help="run a worker (the default)")
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--loglevel (FERRY_LOGLEVEL) must be one of {', '.join(LOG_LEVELS)}, got {args.loglevel!r}")
     try:
         settings = load_settings({"node": args.node, "concurrency": args.concurrency, "engine": args.engine,
-                                  "autoscale": args.autoscale})
+                                  "autoscale": args.autoscale, "metrics_port": args.metrics_port})
     except ValidationError as e:
         return _fail(describe_validation_error(e))
     try:
@@ -79,11 +82,21 @@ def main(argv: list[str] | None = None) -> int:
         # httpx logs every request at INFO: thousands of lines that bury the outcomes.
         logging.getLogger("httpx").setLevel(logging.WARNING)
     app = configure(settings)
-    runtime.configure(settings)
     if args.command == "flower":
         return _flower(app, args)
     _keep_tasks_through_reconnects()
+    recorder: Recorder | None = None
+    if settings.metrics_port is not None:
+        from workers.metrics import endpoint  # imports prometheus_client: only when metrics are on
+
+        try:
+            recorder = endpoint.start(settings)
+        except OSError as e:
+            return _fail(f"cannot serve metrics on {settings.metrics_address}:{settings.metrics_port} "
+                         f"(FERRY_METRICS_PORT): {e.strerror or e}")
+    runtime.configure(settings, recorder)
     app.steps["consumer"].add(make_upkeep_step(runtime.upkeep_config(settings)))
+    app.steps["consumer"].add(make_presence_step(settings.broker_url.get_secret_value()))
     runtime.preload()
     pool = ["--autoscale", settings.autoscale] if settings.autoscale else \
         ["--concurrency", str(settings.concurrency)]

@@ -24,23 +24,31 @@ from workers.engine.cache import BlobCache, CachePolicy
 from workers.engine.docker import DockerEngine
 from workers.engine.keychain import Credential, Keychain, configured_keychain, docker_config_file
 from workers.engine.local_coordinator import LocalCoordinator
-from workers.engine.protocols import Coordinator, Engine
+from workers.engine.protocols import Coordinator, Engine, Observer
 from workers.engine.registry import RegistryEngine, RegistryOptions
 from workers.engine.tls import client_context
+from workers.metrics import NoRecorder, Recorder
 from workers.upkeep import UpkeepConfig
 
 # How long a worker keeps retrying outcome writes while Redis restarts.
 BROKER_OUTAGE_S = 60.0
 
 _settings: FerrySettings | None = None
+_recorder: Recorder = NoRecorder()
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 _pid = 0
 
 
-def configure(settings: FerrySettings) -> None:
-    global _settings
+def configure(settings: FerrySettings, recorder: Recorder | None = None) -> None:
+    global _settings, _recorder
     _settings = settings
+    _recorder = recorder or NoRecorder()
+
+
+def recorder() -> Recorder:
+    """Where this worker counts what it does (nothing is counted when metrics are off)."""
+    return _recorder
 
 
 def preload() -> None:
@@ -78,7 +86,7 @@ def engine(name: str) -> Engine:
         st = _local()
         key = f"engine:{name}"
         if key not in st:
-            st[key] = build_engine(name, settings(), _coordinator(st))
+            st[key] = build_engine(name, settings(), _coordinator(st), _recorder)
         return st[key]  # type: ignore[return-value]
 
 
@@ -127,7 +135,8 @@ def _credentials(r: RegistryConfig) -> list[Credential]:
     return found
 
 
-def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = None) -> Engine:
+def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = None,
+                 observer: Observer | None = None) -> Engine:
     keychain = build_keychain(s, coordinator.credential_index if coordinator else lambda registry: 0)
     if name == "docker":
         return DockerEngine(
@@ -161,7 +170,8 @@ def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = 
             range_parallel=s.range_parallel,
             range_threshold=int(s.range_threshold),
         )
-        return RegistryEngine(options, keychain=keychain, cache=cache, coordinator=coordinator)
+        return RegistryEngine(options, keychain=keychain, cache=cache, coordinator=coordinator,
+                              observer=observer)
     raise ValueError(f"unknown engine {name!r}: choose registry or docker")
 
 

@@ -96,13 +96,15 @@ def sync_image(self: Task, job: dict[str, Any], first_started_at: float | None =
     task_id = self.request.id or ""
     attempt = self.request.retries
     runs = s.task_max_retries + 1
+    metrics = runtime.recorder()
     started = time.time()
     store.record_state(j.batch_id, task_id, TaskState(phase="running", node=s.node, attempt=attempt + 1,
                                                       attempts=runs))
     progress = _Progress(store, j.batch_id, task_id)
     crash: Exception | None = None
     try:
-        result = runtime.engine(j.engine).sync(j, progress, expect=progress.expect)
+        with metrics.in_flight():
+            result = runtime.engine(j.engine).sync(j, progress, expect=progress.expect)
     except Exception as e:  # a bug must still end the image, not hang the batch
         crash = e
         result = SyncResult(batch_id=j.batch_id, source=j.source, status="failed",
@@ -124,10 +126,12 @@ def sync_image(self: Task, job: dict[str, Any], first_started_at: float | None =
                              max_retries=s.task_max_retries, argsrepr=describe.sync_task_args(j),
                              kwargsrepr="{}")
         except Retry:
+            metrics.image_retrying()
             raise
         except Exception as e:  # the retry could not be queued: end the image rather than lose it
             log.warning("retry of %s not queued: %s", j.source, e)
     store.record_result(result)
+    metrics.image_finished(result)
     if crash is not None:
         raise crash  # a bug: Celery logs it with its traceback
     if result.status == "failed":
@@ -153,6 +157,7 @@ def _chain_cleanup(job: SyncJob, task_id: str, node: str, remove: list[str]) -> 
 def cleanup(self: Task, engine: str = "registry", batch_id: str | None = None,
             for_task: str | None = None, remove: list[str] | None = None) -> dict[str, Any]:
     result = runtime.run_cleanup(engine, remove or [], for_task)
+    runtime.recorder().cleanup_finished(result)
     if batch_id:
         runtime.store().record_cleanup(batch_id, self.request.id or "", result)
     return describe.flower_cleanup(result)

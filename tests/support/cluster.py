@@ -60,8 +60,8 @@ class Cluster:
     workers: list[Worker] = field(default_factory=list)
     background: list[subprocess.Popen[str]] = field(default_factory=list)
 
-    def start_worker(self, node: str, concurrency: int = 2, loglevel: str | None = None) -> Worker:
-        env = dict(self.env)
+    def start_worker(self, node: str, concurrency: int = 2, loglevel: str | None = None, **extra: str) -> Worker:
+        env = {**self.env, **extra}
         if loglevel:
             env["FERRY_LOGLEVEL"] = loglevel
         w = Worker(node, env, self.tmp / f"{node}.log", concurrency=concurrency)

@@ -133,6 +133,10 @@ class BlobCache:
             return None
         return path
 
+    def size(self) -> int:
+        """Bytes held in complete blobs (the node's cache gauge)."""
+        return sum(size for _, size, _ in self._entries())
+
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 

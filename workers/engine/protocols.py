@@ -68,3 +68,31 @@ class Coordinator(Protocol):
     def report_quota(self, host: str, remaining: int | None, reset_at: float) -> None: ...
 
     def credential_index(self, host: str) -> int: ...
+
+
+class Observer(Protocol):
+    """Told about registry traffic as it happens (metrics); every call must be cheap and thread-safe.
+
+    Registries are named as the engine talks to them (API host)."""
+
+    # One request answered with HTTP status ``code`` (after authentication), or 0 when no answer came.
+    def request(self, registry: str, code: int) -> None: ...
+
+    # A temporary failure is about to be tried again.
+    def retry(self) -> None: ...
+
+    # A response said the pull quota is spent: requests to ``registry`` wait until ``until`` (epoch s).
+    def quota_pause(self, registry: str, until: float) -> None: ...
+
+
+class NoObserver:
+    """The observer of an engine nobody watches."""
+
+    def request(self, registry: str, code: int) -> None:
+        pass
+
+    def retry(self) -> None:
+        pass
+
+    def quota_pause(self, registry: str, until: float) -> None:
+        pass

@@ -20,7 +20,7 @@ from workers.engine.cache import BlobCache
 from workers.engine.copy import CopyOutcome, copy_image
 from workers.engine.errors import DigestMismatch, NotFound, RegistryError
 from workers.engine.keychain import Keychain
-from workers.engine.protocols import CleanupStats, Coordinator, ProgressFn
+from workers.engine.protocols import CleanupStats, Coordinator, NoObserver, Observer, ProgressFn
 from workers.engine.results import sync_result
 from workers.engine.retry import RetryPolicy
 from workers.engine.transport import DEFAULT_USER_AGENT, MAX_CONNECTIONS_PER_HOST, RegistryTransport
@@ -86,6 +86,7 @@ class RegistryEngine:
         keychain: Keychain | None = None,
         cache: BlobCache | None = None,
         coordinator: Coordinator | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.options = options or RegistryOptions()
         o = self.options
@@ -93,13 +94,15 @@ class RegistryEngine:
         self.transport = RegistryTransport(
             keychain=keychain,
             insecure_registries=o.insecure_registries,
-            retry=RetryPolicy(o.retry_attempts, o.retry_base_delay, o.retry_max_delay),
+            retry=RetryPolicy(o.retry_attempts, o.retry_base_delay, o.retry_max_delay,
+                              observer=observer or NoObserver()),
             connect_timeout=o.connect_timeout,
             read_timeout=o.read_timeout,
             user_agent=o.user_agent,
             max_connections=o.max_connections_per_host,
             coordinator=coordinator,
             quota_floor=o.quota_floor,
+            observer=observer,
         )
         self.cache = cache
         self.blobs = BlobCopier(self.transport, chunk_size=o.chunk_size, cache=cache if o.use_cache else None,

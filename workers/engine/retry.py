@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from config import defaults
 from workers.engine.errors import RateLimited, RegistryError
+from workers.engine.protocols import NoObserver, Observer
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class RetryPolicy:
     max_delay: float = defaults.RETRY_MAX_DELAY
     sleep: Callable[[float], None] = field(default=time.sleep, compare=False, repr=False)
     rand: Callable[[], float] = field(default=random.random, compare=False, repr=False)
+    observer: Observer = field(default_factory=NoObserver, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -60,4 +62,5 @@ class RetryPolicy:
                 pause = self.delay(failures, exc)
                 log.info("%s failed (%s); retry %d/%d in %.1fs", what, exc, failures,
                          self.attempts - 1, pause)
+                self.observer.retry()
                 self.sleep(pause)

@@ -18,7 +18,7 @@ import httpx
 
 from config import defaults
 from workers.engine.errors import parse_retry_after
-from workers.engine.protocols import Coordinator
+from workers.engine.protocols import Coordinator, NoObserver, Observer
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,12 @@ class _ReleasingStream(httpx.SyncByteStream):
 
 class ThrottledTransport(httpx.BaseTransport):
     def __init__(self, inner: httpx.BaseTransport, host: str, coordinator: Coordinator, *,
-                 quota_floor: int = defaults.QUOTA_FLOOR) -> None:
+                 quota_floor: int = defaults.QUOTA_FLOOR, observer: Observer | None = None) -> None:
         self.inner = inner
         self.host = host
         self.coordinator = coordinator
         self.quota_floor = quota_floor
+        self.observer: Observer = observer or NoObserver()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if request.url.netloc.decode("ascii") != self.host:
@@ -101,6 +102,7 @@ class ThrottledTransport(httpx.BaseTransport):
                 log.warning("%s: pull quota spent (remaining %s); pausing requests for %.0fs",
                             self.host, spent[0], spent[1] - time.time())
                 self.coordinator.report_quota(self.host, spent[0], spent[1])
+                self.observer.quota_pause(self.host, spent[1])
         except BaseException:
             stack.close()
             raise

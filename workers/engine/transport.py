@@ -23,7 +23,7 @@ from config.reference import host_is_loopback
 from workers.engine.auth import RegistryAuth
 from workers.engine.errors import RegistryError, error_from_response, transport_error
 from workers.engine.keychain import AnonymousKeychain, Keychain
-from workers.engine.protocols import Coordinator
+from workers.engine.protocols import Coordinator, NoObserver, Observer
 from workers.engine.retry import RetryPolicy
 from workers.engine.throttle import ThrottledTransport, quota_number
 from workers.engine.tls import client_context
@@ -66,10 +66,12 @@ class RegistryTransport:
         max_connections: int = MAX_CONNECTIONS_PER_HOST,
         coordinator: Coordinator | None = None,
         quota_floor: int = defaults.QUOTA_FLOOR,
+        observer: Observer | None = None,
     ) -> None:
         self.keychain: Keychain = keychain or AnonymousKeychain()
         self.insecure = frozenset(insecure_registries)
-        self.retry = retry or RetryPolicy()
+        self.observer: Observer = observer or NoObserver()
+        self.retry = retry or RetryPolicy(observer=self.observer)
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self.user_agent = user_agent
         self.max_connections = max_connections
@@ -109,7 +111,8 @@ class RegistryTransport:
         # retries=0: RetryPolicy is the only place that retries.
         transport: httpx.BaseTransport = httpx.HTTPTransport(verify=client_context(), limits=limits, retries=0)
         if self.coordinator is not None:
-            transport = ThrottledTransport(transport, host, self.coordinator, quota_floor=self.quota_floor)
+            transport = ThrottledTransport(transport, host, self.coordinator, quota_floor=self.quota_floor,
+                                           observer=self.observer)
         return httpx.Client(
             base_url=self.base_url(host),
             transport=transport,
@@ -178,12 +181,14 @@ class RegistryTransport:
         try:
             response = client.send(request, stream=True)
         except httpx.TransportError as exc:
+            self.observer.request(host, 0)
             raise transport_error(exc, url=safe_url, reference=reference) from exc
         except httpx.TooManyRedirects as exc:
             raise RegistryError("too many redirects", url=safe_url,
                                 reference=str(reference) if reference else None) from exc
         self._note_quota(host, response)
         self._note_latency(host, time.monotonic() - started)
+        self.observer.request(host, response.status_code)
         try:
             if response.status_code not in set(ok):
                 raise error_from_response(response, reference=reference)
