@@ -99,6 +99,8 @@ class FerrySettings(BaseSettings):
     read_timeout: PositiveFloat = defaults.READ_TIMEOUT
     result_ttl: PositiveInt = 7 * 24 * 3600
     task_max_retries: NonNegativeInt = 3
+    # Copy each image's referrers (signatures, attestations, SBOMs); a list line can opt out too.
+    referrers: bool = True
     docker_config: str | None = None
     docker_host: str | None = None
     registries: dict[str, RegistryConfig] = Field(default_factory=dict)

@@ -111,7 +111,7 @@ def cmd_enqueue(args: argparse.Namespace, settings: FerrySettings, out: Console,
     for w in parsed.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
     batch_id = new_batch_id()
-    jobs = build_jobs(batch_id, mapped, settings.engine)
+    jobs = build_jobs(batch_id, mapped, settings.engine, referrers=settings.referrers)
     if settings.broker_url is None and not args.wait:
         raise UsageError("FERRY_BROKER_URL is not set: set it to enqueue to a cluster, "
                          "or add --wait to run standalone on this machine")

@@ -29,7 +29,7 @@ def task_id_for(batch_id: str, job: SyncJob, retry: int = 0) -> str:
     return str(uuid.uuid5(_TASK_NS, key + (f"|retry{retry}" if retry else "")))
 
 
-def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: EngineName) -> list[SyncJob]:
+def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: EngineName, *, referrers: bool = True) -> list[SyncJob]:
     """One job per distinct copy: lines that spell the same copy differently share one task id,
     and two jobs under one id would be counted twice in the report."""
     jobs: dict[tuple[str, tuple[str, ...], tuple[str, ...]], SyncJob] = {}
@@ -41,6 +41,7 @@ def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: EngineName) -> l
             platforms=[str(p) for p in m.entry.platforms],
             engine=engine,
             line=m.entry.line,
+            referrers=referrers and m.entry.referrers,
         )
         jobs.setdefault((job.source, tuple(job.destinations), tuple(job.platforms)), job)
     return list(jobs.values())
