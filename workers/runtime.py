@@ -159,6 +159,7 @@ def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = 
             cache_single_target=s.cache.single_target,
             range_parallel=s.range_parallel,
             range_threshold=int(s.range_threshold),
+            referrers=s.referrers,
         )
         return RegistryEngine(options, keychain=keychain, cache=cache, coordinator=coordinator)
     raise ValueError(f"unknown engine {name!r}: choose registry or docker")

@@ -1,0 +1,191 @@
+"""Signatures, attestations and SBOMs travel with the image, byte for byte, between real registries.
+
+The tag schema and cosign paths run against real docker-registry (2.8, which has no referrers API).
+The API path runs against ``tests/support/referrers_api.py``: a small in-test implementation of the
+OCI 1.1 referrers API over a real registry's stored content, since no registry packaged here has one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from config.jobs import SyncJob, SyncResult
+from tests.support.artifacts import (
+    SPDX,
+    Artifact,
+    cosign_attestation,
+    cosign_sbom,
+    cosign_signature,
+    referrer,
+    schema_tag,
+    tag_schema_index,
+)
+from tests.support.images import OCI_INDEX, Pusher, push_image
+from tests.support.referrers_api import ReferrersAPI
+from tests.support.registry import Registry
+from workers.engine.registry import RegistryEngine, RegistryOptions
+
+VEX = "application/vnd.openvex+json"
+
+
+@pytest.fixture
+def engine() -> Iterator[RegistryEngine]:
+    e = RegistryEngine(RegistryOptions(retry_attempts=2, retry_base_delay=0.01, retry_max_delay=0.02))
+    yield e
+    e.close()
+
+
+def sync(engine: RegistryEngine, source: str, dest: str, *, platforms: tuple[str, ...] = (),
+         referrers: bool = True) -> SyncResult:
+    moved: list[int] = []
+    job = SyncJob(batch_id="b", source=source, destinations=[dest], platforms=list(platforms), referrers=referrers)
+    result = engine.sync(job, moved.append)
+    assert result.status != "failed", result.error
+    assert sum(moved) == result.bytes_uploaded
+    return result
+
+
+def arrived(dst: Registry, repo: str, artifacts: list[Artifact]) -> list[bool]:
+    """Per artifact: whether the destination holds it, with the source's digest, under the source's name."""
+    return [dst.manifest_digest(repo, a.tag or a.digest) == a.digest for a in artifacts]
+
+
+def children(reg: Registry, repo: str, ref: str) -> dict[str, tuple[str, int]]:
+    r = httpx.get(f"{reg.url}/v2/{repo}/manifests/{ref}", headers={"Accept": OCI_INDEX})
+    r.raise_for_status()
+    return {m["platform"]["architecture"]: (m["digest"], m["size"]) for m in r.json()["manifests"]}
+
+
+def test_a_signed_image_arrives_with_its_signature_attestation_and_sboms(
+        src: Registry, dst: Registry, src_pusher: Pusher, engine: RegistryEngine) -> None:
+    img = push_image(src_pusher, "lib/app", layers=1)
+    sig = cosign_signature(src_pusher, "lib/app", img.digest)
+    att = cosign_attestation(src_pusher, "lib/app", img.digest)
+    sbom_tag = cosign_sbom(src_pusher, "lib/app", img.digest)
+    size = len(httpx.get(f"{src.url}/v2/lib/app/manifests/v1", headers={"Accept": img.media_type}).content)
+    sbom = referrer(src_pusher, "lib/app", img.digest, size, SPDX, "sbom")
+    vex = referrer(src_pusher, "lib/app", img.digest, size, VEX, "not affected")
+    index = tag_schema_index(src_pusher, "lib/app", img.digest, [sbom, vex])
+    every = [sig, att, sbom_tag, sbom, vex]
+
+    r = sync(engine, f"{src.host}/lib/app:v1", f"{dst.host}/mirror/app:v1")
+    d = r.destinations[0]
+    assert (d.status, d.digest, d.referrers_copied) == ("synced", img.digest, 5)
+    assert arrived(dst, "mirror/app", every) == [True] * 5
+    # The source's tag schema index, byte for byte.
+    assert dst.manifest_digest("mirror/app", schema_tag(img.digest)) == index
+
+    again = sync(engine, f"{src.host}/lib/app:v1", f"{dst.host}/mirror/app:v1")
+    assert (again.status, again.destinations[0].referrers_copied, again.bytes_uploaded) == ("up_to_date", 0, 0)
+
+    # Signing the image again at the source reaches a mirror whose image did not change.
+    resigned = cosign_signature(src_pusher, "lib/app", img.digest, note="second key")
+    assert resigned.digest != sig.digest
+    third = sync(engine, f"{src.host}/lib/app:v1", f"{dst.host}/mirror/app:v1")
+    assert (third.status, third.destinations[0].referrers_copied) == ("synced", 1)
+    assert arrived(dst, "mirror/app", [resigned]) == [True]
+
+
+def test_index_children_bring_their_own_referrers_and_a_platform_filter_only_the_copied_ones(
+        src: Registry, dst: Registry, src_pusher: Pusher, engine: RegistryEngine) -> None:
+    idx = push_image(src_pusher, "lib/multi", archs=("amd64", "arm64"), layers=1)
+    kids = children(src, "lib/multi", "v1")
+    (amd64, _), (arm64, arm64_size) = kids["amd64"], kids["arm64"]
+    index_sig = cosign_signature(src_pusher, "lib/multi", idx.digest)
+    amd64_sig = cosign_signature(src_pusher, "lib/multi", amd64)
+    arm64_sbom = referrer(src_pusher, "lib/multi", arm64, arm64_size, SPDX, "arm64 sbom")
+    arm64_index = tag_schema_index(src_pusher, "lib/multi", arm64, [arm64_sbom])
+
+    full = sync(engine, f"{src.host}/lib/multi:v1", f"{dst.host}/all/multi:v1")
+    assert (full.destinations[0].digest, full.destinations[0].referrers_copied) == (idx.digest, 3)
+    assert arrived(dst, "all/multi", [index_sig, amd64_sig, arm64_sbom]) == [True, True, True]
+    assert dst.manifest_digest("all/multi", schema_tag(arm64)) == arm64_index
+
+    one = sync(engine, f"{src.host}/lib/multi:v1", f"{dst.host}/amd64/multi:v1", platforms=("linux/amd64",))
+    assert (one.destinations[0].digest, one.destinations[0].referrers_copied) == (amd64, 1)
+    # The amd64 child's signature came; the arm64 child's SBOM and the (not pushed) index's signature did not.
+    assert arrived(dst, "amd64/multi", [amd64_sig, arm64_sbom, index_sig]) == [True, False, False]
+    assert dst.manifest_digest("amd64/multi", schema_tag(arm64)) is None
+
+
+def test_no_referrers_copies_the_image_alone(src: Registry, dst: Registry, src_pusher: Pusher,
+                                             engine: RegistryEngine) -> None:
+    img = push_image(src_pusher, "lib/app", layers=1)
+    sig = cosign_signature(src_pusher, "lib/app", img.digest)
+    r = sync(engine, f"{src.host}/lib/app:v1", f"{dst.host}/mirror/app:v1", referrers=False)
+    assert (r.destinations[0].status, r.destinations[0].referrers_copied) == ("synced", 0)
+    assert dst.manifest_digest("mirror/app", "v1") == img.digest
+    assert arrived(dst, "mirror/app", [sig]) == [False]
+
+    off = RegistryEngine(RegistryOptions(referrers=False))
+    try:
+        sync(off, f"{src.host}/lib/app:v1", f"{dst.host}/other/app:v1")
+    finally:
+        off.close()
+    assert arrived(dst, "other/app", [sig]) == [False]
+
+
+def test_referrers_api_source_gives_a_tag_schema_destination_its_index(
+        src: Registry, dst: Registry, src_pusher: Pusher, engine: RegistryEngine) -> None:
+    api = ReferrersAPI(src, page_size=2).start()
+    try:
+        img = push_image(src_pusher, "lib/app", layers=1)
+        size = len(httpx.get(f"{src.url}/v2/lib/app/manifests/v1", headers={"Accept": img.media_type}).content)
+        # Three referrers known only through their subject: the API is the only way to find them,
+        # and they need two pages.
+        found = [referrer(src_pusher, "lib/app", img.digest, size, t, t) for t in (SPDX, VEX, "application/x.sig")]
+        r = sync(engine, f"{api.host}/lib/app:v1", f"{dst.host}/mirror/app:v1")
+        assert api.listings == [img.digest, img.digest]  # two pages
+    finally:
+        api.stop()
+    assert r.destinations[0].referrers_copied == 3
+    assert arrived(dst, "mirror/app", found) == [True] * 3
+    index = httpx.get(f"{dst.url}/v2/mirror/app/manifests/{schema_tag(img.digest)}", headers={"Accept": OCI_INDEX})
+    listed = index.json()["manifests"]
+    assert sorted(m["digest"] for m in listed) == sorted(a.digest for a in found)
+    assert {m["artifactType"] for m in listed} == {SPDX, VEX, "application/x.sig"}
+
+
+def test_an_api_destination_indexes_what_is_pushed_and_gets_no_tag_schema_tag(
+        src: Registry, dst: Registry, src_pusher: Pusher, engine: RegistryEngine) -> None:
+    img = push_image(src_pusher, "lib/app", layers=1)
+    size = len(httpx.get(f"{src.url}/v2/lib/app/manifests/v1", headers={"Accept": img.media_type}).content)
+    sbom = referrer(src_pusher, "lib/app", img.digest, size, SPDX, "sbom")
+    tag_schema_index(src_pusher, "lib/app", img.digest, [sbom])
+    sig = cosign_signature(src_pusher, "lib/app", img.digest)
+    api = ReferrersAPI(dst).start()
+    try:
+        r = sync(engine, f"{src.host}/lib/app:v1", f"{api.host}/mirror/app:v1")
+        assert r.destinations[0].referrers_copied == 2
+        assert [e["digest"] for e in api.referrers("mirror/app", img.digest)] == [sbom.digest]
+        again = sync(engine, f"{src.host}/lib/app:v1", f"{api.host}/mirror/app:v1")
+        assert (again.status, again.destinations[0].referrers_copied) == ("up_to_date", 0)
+    finally:
+        api.stop()
+    assert arrived(dst, "mirror/app", [sbom, sig]) == [True, True]
+    assert dst.manifest_digest("mirror/app", schema_tag(img.digest)) is None
+
+
+def test_a_destination_index_keeps_referrers_only_the_destination_has(
+        src: Registry, dst: Registry, src_pusher: Pusher, engine: RegistryEngine) -> None:
+    img = push_image(src_pusher, "lib/app", layers=1)
+    size = len(httpx.get(f"{src.url}/v2/lib/app/manifests/v1", headers={"Accept": img.media_type}).content)
+    sbom = referrer(src_pusher, "lib/app", img.digest, size, SPDX, "sbom")
+    tag_schema_index(src_pusher, "lib/app", img.digest, [sbom])
+    sync(engine, f"{src.host}/lib/app:v1", f"{dst.host}/mirror/app:v1")
+    # Someone signs the mirror itself; later the source gains a VEX document.
+    dst_pusher = Pusher(dst.url)
+    local = referrer(dst_pusher, "mirror/app", img.digest, size, "application/x.local-sig", "mirror signature")
+    tag_schema_index(dst_pusher, "mirror/app", img.digest, [sbom, local])
+    dst_pusher.client.close()
+    vex = referrer(src_pusher, "lib/app", img.digest, size, VEX, "vex")
+    tag_schema_index(src_pusher, "lib/app", img.digest, [sbom, vex])
+
+    r = sync(engine, f"{src.host}/lib/app:v1", f"{dst.host}/mirror/app:v1")
+    assert r.destinations[0].referrers_copied == 1
+    index = httpx.get(f"{dst.url}/v2/mirror/app/manifests/{schema_tag(img.digest)}", headers={"Accept": OCI_INDEX})
+    assert [m["digest"] for m in json.loads(index.content)["manifests"]] == [sbom.digest, vex.digest, local.digest]
