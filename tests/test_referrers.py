@@ -27,6 +27,7 @@ from tests.support.artifacts import (
 from tests.support.images import OCI_INDEX, Pusher, push_image
 from tests.support.referrers_api import ReferrersAPI
 from tests.support.registry import Registry
+from tests.test_engine_copy import requests
 from workers.engine.registry import RegistryEngine, RegistryOptions
 
 VEX = "application/vnd.openvex+json"
@@ -189,3 +190,23 @@ def test_a_destination_index_keeps_referrers_only_the_destination_has(
     assert r.destinations[0].referrers_copied == 1
     index = httpx.get(f"{dst.url}/v2/mirror/app/manifests/{schema_tag(img.digest)}", headers={"Accept": OCI_INDEX})
     assert [m["digest"] for m in json.loads(index.content)["manifests"]] == [sbom.digest, vex.digest, local.digest]
+
+
+def test_what_looking_for_referrers_costs_an_up_to_date_index(src: Registry, dst: Registry, src_pusher: Pusher,
+                                                              engine: RegistryEngine) -> None:
+    idx = push_image(src_pusher, "lib/multi", archs=("amd64", "arm64"), layers=1)
+    subjects = [idx.digest, *(d for d, _ in children(src, "lib/multi", "v1").values())]
+    sync(engine, f"{src.host}/lib/multi:v1", f"{dst.host}/m/multi:v1")
+    src_before, dst_before = len(requests(src)), len(requests(dst))
+    r = sync(engine, f"{src.host}/lib/multi:v1", f"{dst.host}/m/multi:v1")
+    assert r.status == "up_to_date"
+    # The image's HEAD, then per subject (the index and each child) the tag schema tag and cosign's
+    # three tags — all HEADs; the registry's missing referrers API was learnt on the first sync.
+    expected = {("HEAD", "/v2/lib/multi/manifests/v1")} | {
+        ("HEAD", f"/v2/lib/multi/manifests/{schema_tag(s)}{suffix}")
+        for s in subjects for suffix in ("", ".sig", ".att", ".sbom")}
+    seen = [(m, p) for m, p, _ in requests(src)[src_before:]]
+    assert len(seen) == 13 and set(seen) == expected
+    # At the destination: the tag's HEAD, and the index read back there to learn its children.
+    assert [(m, p) for m, p, _ in requests(dst)[dst_before:]] == [
+        ("HEAD", "/v2/m/multi/manifests/v1"), ("GET", f"/v2/m/multi/manifests/{idx.digest}")]
