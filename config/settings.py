@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from config import defaults
+from config.schedules import Schedule
 
 EngineName = Literal["registry", "docker"]
 
@@ -113,6 +114,9 @@ class FerrySettings(BaseSettings):
     cleanup_interval: NonNegativeInt = 600
     # Seconds between checks of the cache filesystem's free space against cache.min_free_bytes.
     disk_check_interval: NonNegativeInt = 15
+    # What `python -m workers beat` runs: schedules given inline (JSON) and/or in a TOML file.
+    schedules: list[Schedule] = Field(default_factory=list)
+    schedule_file: str | None = None
 
     @field_validator("broker_url", "result_url")
     @classmethod

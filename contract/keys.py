@@ -10,6 +10,13 @@ Batches (producer and tasks; all expire after the result TTL):
   ferry:batch:<id>:cleanups   hash cleanup task_id -> CleanupResult JSON
   ferry:batches               sorted set of batch ids by creation time
 
+Schedules (beat and workers; see workers/beat.py and workers/schedules.py):
+  ferry:schedule:<name>                  hash: run, sent, claimed_at (beat); batch, fired_at, fired,
+                                         skipped, skipped_at, error (workers)
+  ferry:schedule:<name>:run:<run time>   the task id that fired that run (expires with batches)
+  ferry:schedule:<name>:history          the latest runs, newest first: "<run time> fired <batch>",
+                                         "<run time> skipped (<batch> still running)" or "<run time> invalid: …"
+
 Cluster coordination (workers) lives under ``ferry:coord:``.
 """
 
@@ -19,10 +26,26 @@ PREFIX = "ferry"
 BATCH_PREFIX = f"{PREFIX}:batch"
 BATCH_INDEX = f"{PREFIX}:batches"
 COORD_PREFIX = f"{PREFIX}:coord"
+SCHEDULE_PREFIX = f"{PREFIX}:schedule"
 
 
 def batch(batch_id: str, part: str) -> str:
     return f"{BATCH_PREFIX}:{batch_id}:{part}"
+
+
+# -- schedules
+
+
+def schedule(name: str) -> str:
+    return f"{SCHEDULE_PREFIX}:{name}"
+
+
+def schedule_run(name: str, run_at: float) -> str:
+    return f"{SCHEDULE_PREFIX}:{name}:run:{run_at:.0f}"
+
+
+def schedule_history(name: str) -> str:
+    return f"{SCHEDULE_PREFIX}:{name}:history"
 
 
 # -- coordination

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from config.reference import host_is_loopback
 from config.settings import FerrySettings, describe_validation_error
-from contract.broker import SYNC_QUEUE, node_queue
+from contract.broker import SCHEDULE_QUEUE, SYNC_QUEUE, node_queue
 from workers import runtime
 from workers.app import configure
 from workers.upkeep import make_upkeep_step
@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     fl.add_argument("--basic-auth", default=os.environ.get("FERRY_FLOWER_BASIC_AUTH"),
                     help="user:password (required unless Flower listens on loopback)")
     sub.add_parser("cleanup", help="apply this node's disk policy once and print what was freed")
+    sub.add_parser("beat", help="run the schedules of FERRY_SCHEDULES and FERRY_SCHEDULE_FILE "
+                   "(several beats may run: each run fires once)")
     return p
 
 
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     runtime.configure(settings)
     if args.command == "flower":
         return _flower(app, args)
+    if args.command == "beat":
+        return _beat(app, settings, args.loglevel.upper())
     app.steps["consumer"].add(make_upkeep_step(runtime.upkeep_config(settings)))
     runtime.preload()
     pool = ["--autoscale", settings.autoscale] if settings.autoscale else \
@@ -84,11 +88,24 @@ def main(argv: list[str] | None = None) -> int:
         "worker",
         "--hostname", f"{settings.node}@%h",
         *pool,
-        "--queues", f"{SYNC_QUEUE},{node_queue(settings.node)}",
+        "--queues", f"{SYNC_QUEUE},{node_queue(settings.node)},{SCHEDULE_QUEUE}",
         "--loglevel", args.loglevel.upper(),
         "--without-gossip", "--without-mingle",
         "--task-events",
     ])
+    return 0
+
+
+def _beat(app: Any, settings: FerrySettings, loglevel: str) -> int:
+    from workers.beat import ScheduleError, load_schedules, run_beat
+
+    try:
+        schedules = load_schedules(settings)
+    except ScheduleError as e:
+        return _fail(str(e))
+    if not schedules:
+        return _fail("no schedules: set FERRY_SCHEDULES (JSON) or FERRY_SCHEDULE_FILE (TOML)")
+    run_beat(app, schedules, settings, loglevel)
     return 0
 
 
