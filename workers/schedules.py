@@ -75,7 +75,7 @@ def _record(store: BatchStore, name: str, run_at: float, event: str, *, incremen
     key, history = keys.schedule(name), keys.schedule_history(name)
     with store.r.pipeline() as p:
         if fields:
-            mapping: dict[str | bytes, bytes | float | int | str] = dict(fields)
+            mapping: dict[str | bytes, bytes | float | int | str] = {k: v for k, v in fields.items()}
             p.hset(key, mapping=mapping)
         if increment:
             p.hincrby(key, increment, 1)
