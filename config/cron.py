@@ -54,7 +54,10 @@ class Cron:
         if len(words) != 5:
             raise CronError(f"cron expression {text!r} needs 5 fields (minute hour day month weekday), "
                             f"got {len(words)}")
-        sets = [_field(w, *f) for w, f in zip(words, _FIELDS, strict=True)]
+        try:
+            sets = [_field(w, *f) for w, f in zip(words, _FIELDS, strict=True)]
+        except CronError as e:
+            raise CronError(f"cron expression {text!r}: {e}") from None
         weekdays = frozenset(d % 7 for d in sets[4])
         cron = cls(text, sets[0], sets[1], sets[2], sets[3], weekdays, words[2] == "*", words[4] == "*")
         if cron.latest(datetime(2000, 1, 1, tzinfo=UTC) + timedelta(days=_HORIZON_DAYS)) is None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from config.cron import Cron, CronError
 from config.schedules import Schedule, ScheduleFiring
+from tests.support.workers import ferry_env
+from workers.cli import main as workers_main
 
 
 def at(text: str) -> datetime:
@@ -83,3 +87,38 @@ def test_a_run_names_its_batch_after_the_schedule_and_its_time() -> None:
     firing = ScheduleFiring(name="nightly", run_at=at("2024-03-13T02:00:00").timestamp(), list_file="l.txt",
                             data="nginx\n", targets=["r.example.com"])
     assert firing.batch_id == "nightly-20240313-020000"
+
+
+def _toml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "schedules.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, "no schedules: set FERRY_SCHEDULES"),
+    ({"FERRY_SCHEDULES": '[{"name": "n", "lines": ["nginx"], "cron": "0 25 * * *"}]'},
+     "FERRY_SCHEDULES__0__CRON: cron expression '0 25 * * *': hour '25' is outside 0-23"),
+    ({"FERRY_SCHEDULES": '[{"name": "n", "lines": ["nginx", "Bad:ref"], "every": 60}]'},
+     "schedule n: schedule n (inline): LINE 2: bad source reference"),
+    ({"FERRY_SCHEDULES": '[{"name": "n", "lines": ["nginx"], "every": 60}]'},
+     "schedule n: schedule n (inline): LINE 1: no destination"),
+    ({"FERRY_SCHEDULES": '[{"name": "n", "list": "/nonexistent/images.txt", "every": 60}]'},
+     "schedule n: cannot read list file /nonexistent/images.txt"),
+    ({"FERRY_SCHEDULES": '[{"name": "n", "lines": ["nginx"], "targets": ["r.example.com"], "every": 60}]',
+      "FERRY_SCHEDULE_FILE": "[[schedule]]\nname = 'n'\nlines = ['redis']\ntargets = ['r.example.com']\nevery = 5\n"},
+     "schedule name(s) used twice: n"),
+    ({"FERRY_SCHEDULE_FILE": "[[schedule]]\nname = 'n'\nlines = ['redis']\n"}, "needs one of 'every'"),
+    ({"FERRY_SCHEDULE_FILE": "[schedules]\nname = 'n'\n"}, "unknown table(s) schedules; use [[schedule]]"),
+    ({"FERRY_SCHEDULE_FILE": "[[schedule]\n"}, "is not valid TOML"),
+], ids=["none", "bad-cron", "bad-line", "no-target", "missing-list", "twice", "no-timing", "bad-table", "bad-toml"])
+def test_beat_refuses_bad_schedules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                    env: dict[str, str], expected: str) -> None:
+    if "FERRY_SCHEDULE_FILE" in env:
+        env = {**env, "FERRY_SCHEDULE_FILE": _toml(tmp_path, env["FERRY_SCHEDULE_FILE"])}
+    for k in [k for k in os.environ if k.startswith("FERRY_")]:
+        monkeypatch.delenv(k)
+    for k, v in ferry_env("redis://127.0.0.1:1/0", tmp_path, **env).items():
+        monkeypatch.setenv(k, v)
+    assert workers_main(["beat"]) == 2
+    assert expected in capsys.readouterr().err

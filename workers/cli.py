@@ -11,10 +11,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from config.reference import host_is_loopback
+from config.schedules import Schedule
 from config.settings import FerrySettings, describe_validation_error
 from contract.broker import SCHEDULE_QUEUE, SYNC_QUEUE, node_queue
 from workers import runtime
 from workers.app import configure
+from workers.beat import ScheduleError, load_schedules, run_beat
 from workers.upkeep import make_upkeep_step
 
 USAGE_ERROR = 2
@@ -70,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if settings.broker_url is None:
         return _fail("FERRY_BROKER_URL is not set (e.g. redis://:password@redis-host:6379/0)")
+    schedules: list[Schedule] = []
+    if args.command == "beat":
+        try:
+            schedules = load_schedules(settings)
+        except ScheduleError as e:
+            return _fail(str(e))
+        if not schedules:
+            return _fail("no schedules: set FERRY_SCHEDULES (JSON) or FERRY_SCHEDULE_FILE (TOML)")
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.loglevel.upper() != "DEBUG":
         # httpx logs every request at INFO: thousands of lines that bury the outcomes.
@@ -79,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "flower":
         return _flower(app, args)
     if args.command == "beat":
-        return _beat(app, settings, args.loglevel.upper())
+        run_beat(app, schedules, settings, args.loglevel.upper())
+        return 0
     app.steps["consumer"].add(make_upkeep_step(runtime.upkeep_config(settings)))
     runtime.preload()
     pool = ["--autoscale", settings.autoscale] if settings.autoscale else \
@@ -93,19 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         "--without-gossip", "--without-mingle",
         "--task-events",
     ])
-    return 0
-
-
-def _beat(app: Any, settings: FerrySettings, loglevel: str) -> int:
-    from workers.beat import ScheduleError, load_schedules, run_beat
-
-    try:
-        schedules = load_schedules(settings)
-    except ScheduleError as e:
-        return _fail(str(e))
-    if not schedules:
-        return _fail("no schedules: set FERRY_SCHEDULES (JSON) or FERRY_SCHEDULE_FILE (TOML)")
-    run_beat(app, schedules, settings, loglevel)
     return 0
 
 

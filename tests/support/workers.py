@@ -62,3 +62,29 @@ class Worker:
 def run_producer(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "producer", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@dataclass
+class Beat:
+    """A ``python -m workers beat`` process."""
+
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> Beat:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "workers", "beat"], cwd=ROOT, env=self.env,
+                                         stdout=log, stderr=log, start_new_session=True)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            stop(self.proc, signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc, signal.SIGTERM, timeout=20)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
