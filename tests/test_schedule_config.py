@@ -11,7 +11,9 @@ from pydantic import ValidationError
 
 from config.cron import Cron, CronError
 from config.schedules import Schedule, ScheduleFiring
+from config.settings import FerrySettings
 from tests.support.workers import ferry_env
+from workers.beat import load_schedules
 from workers.cli import main as workers_main
 
 
@@ -122,3 +124,12 @@ def test_beat_refuses_bad_schedules(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         monkeypatch.setenv(k, v)
     assert workers_main(["beat"]) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_the_example_schedule_file_is_valid(tmp_path: Path) -> None:
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    text = (deploy / "schedules.toml").read_text()
+    assert "/etc/ferry/lists/images.txt" in text  # where compose mounts deploy/lists
+    path = _toml(tmp_path, text.replace("/etc/ferry/lists/", f"{deploy}/lists/"))
+    settings = FerrySettings(_env_file=None, schedule_file=path)  # type: ignore[call-arg]
+    assert [s.name for s in load_schedules(settings)] == ["nightly", "base-images"]
