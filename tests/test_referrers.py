@@ -8,7 +8,8 @@ OCI 1.1 referrers API over a real registry's stored content, since no registry p
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,7 +25,8 @@ from tests.support.artifacts import (
     schema_tag,
     tag_schema_index,
 )
-from tests.support.images import OCI_INDEX, Pusher, push_image
+from tests.support.cluster import Cluster, make_cluster_fixture  # noqa: F401  (fixture)
+from tests.support.images import OCI_INDEX, Image, Pusher, push_image
 from tests.support.referrers_api import ReferrersAPI
 from tests.support.registry import Registry
 from tests.test_engine_copy import requests
@@ -61,17 +63,43 @@ def children(reg: Registry, repo: str, ref: str) -> dict[str, tuple[str, int]]:
     return {m["platform"]["architecture"]: (m["digest"], m["size"]) for m in r.json()["manifests"]}
 
 
+def signed_app(src: Registry, pusher: Pusher) -> tuple[Image, list[Artifact], str]:
+    """lib/app:v1 with cosign's .sig, .att and .sbom, and two OCI referrers (an SBOM and a VEX
+    document) listed in a tag schema index; returns the image, the five artifacts and the index digest."""
+    img = push_image(pusher, "lib/app", layers=1)
+    sig = cosign_signature(pusher, "lib/app", img.digest)
+    att = cosign_attestation(pusher, "lib/app", img.digest)
+    sbom_tag = cosign_sbom(pusher, "lib/app", img.digest)
+    size = len(httpx.get(f"{src.url}/v2/lib/app/manifests/v1", headers={"Accept": img.media_type}).content)
+    sbom = referrer(pusher, "lib/app", img.digest, size, SPDX, "sbom")
+    vex = referrer(pusher, "lib/app", img.digest, size, VEX, "not affected")
+    index = tag_schema_index(pusher, "lib/app", img.digest, [sbom, vex])
+    return img, [sig, att, sbom_tag, sbom, vex], index
+
+
+def signed_index(src: Registry, pusher: Pusher) -> tuple[Image, tuple[Artifact, Artifact, Artifact], str]:
+    """lib/multi:v1, an amd64+arm64 index signed with cosign, whose amd64 child is signed too and whose
+    arm64 child has an SBOM referrer; returns the index, (index sig, amd64 sig, arm64 SBOM) and the
+    arm64 child's tag schema index digest."""
+    idx = push_image(pusher, "lib/multi", archs=("amd64", "arm64"), layers=1)
+    amd64, arm64 = multi_children(src)
+    arm64_size = children(src, "lib/multi", "v1")["arm64"][1]
+    index_sig = cosign_signature(pusher, "lib/multi", idx.digest)
+    amd64_sig = cosign_signature(pusher, "lib/multi", amd64)
+    arm64_sbom = referrer(pusher, "lib/multi", arm64, arm64_size, SPDX, "arm64 sbom")
+    return idx, (index_sig, amd64_sig, arm64_sbom), tag_schema_index(pusher, "lib/multi", arm64, [arm64_sbom])
+
+
+def multi_children(src: Registry) -> tuple[str, str]:
+    """The amd64 and arm64 children of lib/multi:v1."""
+    kids = children(src, "lib/multi", "v1")
+    return kids["amd64"][0], kids["arm64"][0]
+
+
 def test_a_signed_image_arrives_with_its_signature_attestation_and_sboms(
         src: Registry, dst: Registry, src_pusher: Pusher, engine: RegistryEngine) -> None:
-    img = push_image(src_pusher, "lib/app", layers=1)
-    sig = cosign_signature(src_pusher, "lib/app", img.digest)
-    att = cosign_attestation(src_pusher, "lib/app", img.digest)
-    sbom_tag = cosign_sbom(src_pusher, "lib/app", img.digest)
-    size = len(httpx.get(f"{src.url}/v2/lib/app/manifests/v1", headers={"Accept": img.media_type}).content)
-    sbom = referrer(src_pusher, "lib/app", img.digest, size, SPDX, "sbom")
-    vex = referrer(src_pusher, "lib/app", img.digest, size, VEX, "not affected")
-    index = tag_schema_index(src_pusher, "lib/app", img.digest, [sbom, vex])
-    every = [sig, att, sbom_tag, sbom, vex]
+    img, every, index = signed_app(src, src_pusher)
+    sig = every[0]
 
     r = sync(engine, f"{src.host}/lib/app:v1", f"{dst.host}/mirror/app:v1")
     d = r.destinations[0]
@@ -93,13 +121,8 @@ def test_a_signed_image_arrives_with_its_signature_attestation_and_sboms(
 
 def test_index_children_bring_their_own_referrers_and_a_platform_filter_only_the_copied_ones(
         src: Registry, dst: Registry, src_pusher: Pusher, engine: RegistryEngine) -> None:
-    idx = push_image(src_pusher, "lib/multi", archs=("amd64", "arm64"), layers=1)
-    kids = children(src, "lib/multi", "v1")
-    (amd64, _), (arm64, arm64_size) = kids["amd64"], kids["arm64"]
-    index_sig = cosign_signature(src_pusher, "lib/multi", idx.digest)
-    amd64_sig = cosign_signature(src_pusher, "lib/multi", amd64)
-    arm64_sbom = referrer(src_pusher, "lib/multi", arm64, arm64_size, SPDX, "arm64 sbom")
-    arm64_index = tag_schema_index(src_pusher, "lib/multi", arm64, [arm64_sbom])
+    idx, (index_sig, amd64_sig, arm64_sbom), arm64_index = signed_index(src, src_pusher)
+    amd64, arm64 = multi_children(src)
 
     full = sync(engine, f"{src.host}/lib/multi:v1", f"{dst.host}/all/multi:v1")
     assert (full.destinations[0].digest, full.destinations[0].referrers_copied) == (idx.digest, 3)
@@ -210,3 +233,38 @@ def test_what_looking_for_referrers_costs_an_up_to_date_index(src: Registry, dst
     # At the destination: the tag's HEAD, and the index read back there to learn its children.
     assert [(m, p) for m, p, _ in requests(dst)[dst_before:]] == [
         ("HEAD", "/v2/m/multi/manifests/v1"), ("GET", f"/v2/m/multi/manifests/{idx.digest}")]
+
+
+@pytest.mark.slow
+def test_a_list_through_producer_and_worker_brings_referrers_as_each_line_asks(
+        make_cluster: Callable[..., Cluster], src: Registry, dst: Registry, src_pusher: Pusher,
+        tmp_path: Path) -> None:
+    c = make_cluster()
+    c.start_worker("node-a", concurrency=2)
+    img, app_referrers, app_index = signed_app(src, src_pusher)
+    idx, (index_sig, amd64_sig, arm64_sbom), arm64_index = signed_index(src, src_pusher)
+    amd64, arm64 = multi_children(src)
+    other = push_image(src_pusher, "lib/other", layers=1)
+    other_sig = cosign_signature(src_pusher, "lib/other", other.digest)
+    h = src.host
+    listing = c.listing([f"{h}/lib/app:v1", f"{h}/lib/multi:v1",
+                         f"--platform=linux/amd64 {h}/lib/multi:v1 {dst.host}/amd64/multi:v1",
+                         f"--no-referrers {h}/lib/other:v1"])
+    report = tmp_path / "report.json"
+    run = c.producer("enqueue", str(listing), "--target", f"{dst.host}/mirror", "--wait", "--json", str(report))
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    assert dst.manifest_digest("mirror/lib/app", "v1") == img.digest
+    assert arrived(dst, "mirror/lib/app", app_referrers) == [True] * 5
+    assert dst.manifest_digest("mirror/lib/app", schema_tag(img.digest)) == app_index
+    assert dst.manifest_digest("mirror/lib/multi", "v1") == idx.digest
+    assert arrived(dst, "mirror/lib/multi", [index_sig, amd64_sig, arm64_sbom]) == [True] * 3
+    assert dst.manifest_digest("mirror/lib/multi", schema_tag(arm64)) == arm64_index
+    assert dst.manifest_digest("amd64/multi", "v1") == amd64
+    assert arrived(dst, "amd64/multi", [amd64_sig, arm64_sbom, index_sig]) == [True, False, False]
+    assert dst.manifest_digest("mirror/lib/other", "v1") == other.digest
+    assert arrived(dst, "mirror/lib/other", [other_sig]) == [False]
+    copied = {d["destination"]: d["referrers_copied"]
+              for i in json.loads(report.read_text())["images"] for d in i["destinations"]}
+    assert copied == {f"{dst.host}/mirror/lib/app:v1": 5, f"{dst.host}/mirror/lib/multi:v1": 3,
+                      f"{dst.host}/amd64/multi:v1": 1, f"{dst.host}/mirror/lib/other:v1": 0}
