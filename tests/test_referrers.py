@@ -63,6 +63,19 @@ def children(reg: Registry, repo: str, ref: str) -> dict[str, tuple[str, int]]:
     return {m["platform"]["architecture"]: (m["digest"], m["size"]) for m in r.json()["manifests"]}
 
 
+def manifest_size(src: Registry, img: Image) -> int:
+    return len(httpx.get(f"{src.url}/v2/{img.repo}/manifests/{img.tag}", headers={"Accept": img.media_type}).content)
+
+
+def app_with_sbom(src: Registry, pusher: Pusher) -> tuple[Image, int, Artifact]:
+    """lib/app:v1 with one SBOM referrer in a tag schema index; returns the image, its size and the SBOM."""
+    img = push_image(pusher, "lib/app", layers=1)
+    size = manifest_size(src, img)
+    sbom = referrer(pusher, "lib/app", img.digest, size, SPDX, "sbom")
+    tag_schema_index(pusher, "lib/app", img.digest, [sbom])
+    return img, size, sbom
+
+
 def signed_app(src: Registry, pusher: Pusher) -> tuple[Image, list[Artifact], str]:
     """lib/app:v1 with cosign's .sig, .att and .sbom, and two OCI referrers (an SBOM and a VEX
     document) listed in a tag schema index; returns the image, the five artifacts and the index digest."""
@@ -70,7 +83,7 @@ def signed_app(src: Registry, pusher: Pusher) -> tuple[Image, list[Artifact], st
     sig = cosign_signature(pusher, "lib/app", img.digest)
     att = cosign_attestation(pusher, "lib/app", img.digest)
     sbom_tag = cosign_sbom(pusher, "lib/app", img.digest)
-    size = len(httpx.get(f"{src.url}/v2/lib/app/manifests/v1", headers={"Accept": img.media_type}).content)
+    size = manifest_size(src, img)
     sbom = referrer(pusher, "lib/app", img.digest, size, SPDX, "sbom")
     vex = referrer(pusher, "lib/app", img.digest, size, VEX, "not affected")
     index = tag_schema_index(pusher, "lib/app", img.digest, [sbom, vex])
@@ -158,7 +171,7 @@ def test_referrers_api_source_gives_a_tag_schema_destination_its_index(
     api = ReferrersAPI(src, page_size=2).start()
     try:
         img = push_image(src_pusher, "lib/app", layers=1)
-        size = len(httpx.get(f"{src.url}/v2/lib/app/manifests/v1", headers={"Accept": img.media_type}).content)
+        size = manifest_size(src, img)
         # Three referrers known only through their subject: the API is the only way to find them,
         # and they need two pages.
         found = [referrer(src_pusher, "lib/app", img.digest, size, t, t) for t in (SPDX, VEX, "application/x.sig")]
@@ -176,10 +189,7 @@ def test_referrers_api_source_gives_a_tag_schema_destination_its_index(
 
 def test_an_api_destination_indexes_what_is_pushed_and_gets_no_tag_schema_tag(
         src: Registry, dst: Registry, src_pusher: Pusher, engine: RegistryEngine) -> None:
-    img = push_image(src_pusher, "lib/app", layers=1)
-    size = len(httpx.get(f"{src.url}/v2/lib/app/manifests/v1", headers={"Accept": img.media_type}).content)
-    sbom = referrer(src_pusher, "lib/app", img.digest, size, SPDX, "sbom")
-    tag_schema_index(src_pusher, "lib/app", img.digest, [sbom])
+    img, _, sbom = app_with_sbom(src, src_pusher)
     sig = cosign_signature(src_pusher, "lib/app", img.digest)
     api = ReferrersAPI(dst).start()
     try:
@@ -196,10 +206,7 @@ def test_an_api_destination_indexes_what_is_pushed_and_gets_no_tag_schema_tag(
 
 def test_a_destination_index_keeps_referrers_only_the_destination_has(
         src: Registry, dst: Registry, src_pusher: Pusher, engine: RegistryEngine) -> None:
-    img = push_image(src_pusher, "lib/app", layers=1)
-    size = len(httpx.get(f"{src.url}/v2/lib/app/manifests/v1", headers={"Accept": img.media_type}).content)
-    sbom = referrer(src_pusher, "lib/app", img.digest, size, SPDX, "sbom")
-    tag_schema_index(src_pusher, "lib/app", img.digest, [sbom])
+    img, size, sbom = app_with_sbom(src, src_pusher)
     sync(engine, f"{src.host}/lib/app:v1", f"{dst.host}/mirror/app:v1")
     # Someone signs the mirror itself; later the source gains a VEX document.
     dst_pusher = Pusher(dst.url)

@@ -26,8 +26,31 @@ def ferry_env(broker_url: str | None, tmp: Path, **extra: str) -> dict[str, str]
     return env
 
 
+class _Process:
+    """Kill, stop and log for a ``python -m workers …`` process started in its own session."""
+
+    proc: subprocess.Popen[bytes] | None
+    log_path: Path
+
+    def _spawn(self, args: list[str], env: dict[str, str]) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "workers", *args], cwd=ROOT, env=env,
+                                         stdout=log, stderr=log, start_new_session=True)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            stop(self.proc, signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc, signal.SIGTERM, timeout=20)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
 @dataclass
-class Worker:
+class Worker(_Process):
     node: str
     env: dict[str, str]
     log_path: Path
@@ -35,10 +58,7 @@ class Worker:
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self, broker: redis.Redis | None = None) -> Worker:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "workers", "--node", self.node, "--concurrency", str(self.concurrency)],
-                cwd=ROOT, env=self.env, stdout=log, stderr=log, start_new_session=True)
+        self._spawn(["--node", self.node, "--concurrency", str(self.concurrency)], self.env)
         if broker is not None:
             wait_until(lambda: self.ready(broker), 30, f"worker {self.node}")
         return self
@@ -47,17 +67,6 @@ class Worker:
         # A consuming worker registers its queues in kombu's binding table.
         return bool(broker.exists(f"_kombu.binding.ferry.node.{self.node}"))
 
-    def kill(self) -> None:
-        if self.proc is not None:
-            stop(self.proc, signal.SIGKILL)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc, signal.SIGTERM, timeout=20)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
 
 def run_producer(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "producer", *args], cwd=ROOT, env=env, capture_output=True,
@@ -65,7 +74,7 @@ def run_producer(args: list[str], env: dict[str, str], timeout: float = 240) -> 
 
 
 @dataclass
-class Beat:
+class Beat(_Process):
     """A ``python -m workers beat`` process."""
 
     env: dict[str, str]
@@ -73,18 +82,5 @@ class Beat:
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> Beat:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "workers", "beat"], cwd=ROOT, env=self.env,
-                                         stdout=log, stderr=log, start_new_session=True)
+        self._spawn(["beat"], self.env)
         return self
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            stop(self.proc, signal.SIGKILL)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc, signal.SIGTERM, timeout=20)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
