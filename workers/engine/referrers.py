@@ -27,7 +27,7 @@ from workers.engine.blobs import BlobCopier
 from workers.engine.copy import CopyOutcome, copy_plan, plan_image
 from workers.engine.errors import ManifestError, NotFound, RegistryError
 from workers.engine.manifests import (
-    INDEX_TYPES,
+    IMAGE_TYPES,
     MANIFEST_TYPES,
     MAX_MANIFEST_BYTES,
     OCI_INDEX,
@@ -236,9 +236,9 @@ def carry_referrers(referrers: ReferrerCopier, src: Reference, dsts: Sequence[Re
         return
     src = src.with_digest(outcome.source_digest)
     root = outcome.root
-    if root is None and outcome.source_media_type in INDEX_TYPES:
-        # Up to date everywhere: the destination holds the same bytes, and reading them there costs
-        # no source quota.
+    if root is None and outcome.source_media_type not in IMAGE_TYPES:
+        # Up to date everywhere, and maybe an index: the destination holds the same bytes, and
+        # reading them there costs no source quota.
         root = get_manifest(referrers.transport, ok[0], outcome.source_digest)
     found = referrers.find(src, subjects(root, outcome.root_built) if root else [outcome.source_digest])
     if not any(found):
