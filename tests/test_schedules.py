@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -67,39 +67,47 @@ def test_a_schedule_fires_skips_while_its_batch_runs_and_survives_beat_kills(
     schedule = {"name": NAME, "lines": [f"{proxy.host}/lib/app:v1"], "targets": [f"{dst.host}/mirror"], "every": 5}
     with beats(c, schedule) as start:
         first = start()
-        wait_until(lambda: count(c, "fired") >= 2, 40, "two runs fired")
+        wait_until(lambda: count(c, "fired") >= 2, 60, "two runs fired")
         assert dst.manifest_digest("mirror/lib/app", "v1") is not None
 
         # The next run's batch waits 12 s on the source: the runs that fall due meanwhile are skipped.
         proxy.add_rule(Rule(delay(12), method="HEAD", path_re=r"/manifests/v1$", times=1))
-        wait_until(lambda: count(c, "skipped") >= 1, 30, "a run skipped")
+        wait_until(lambda: count(c, "skipped") >= 1, 45, "a run skipped")
 
-        # SIGKILL the beat, start it again 2 s later (less than one interval), and a second one beside it.
+        # SIGKILL the beat, start it again 2 s later, and once it runs a second one beside it.
         first.kill()
         killed = time.time()
         time.sleep(2)
-        start()
+        again = start()
+        wait_until(lambda: f"schedule {NAME}: every 5 s" in again.log(), 60, "the beat back")
+        back = time.time()
         start()
         before = count(c, "fired")
-        wait_until(lambda: count(c, "fired") >= before + 2, 60, "two runs fired after the restart")
+        wait_until(lambda: count(c, "fired") >= before + 2, 90, "two runs fired after the restart")
     events = history(c)
     # In the order they were fired (a run the kill left claimed but unsent comes 10 s late).
     runs = sorted(run for run, _ in events)
-    # Every run once — fired or skipped — with none lost to the kill and none fired twice.
+    # Every run once — fired or skipped — and none fired twice. The only runs missing are ones that fell
+    # due while no beat ran (its start takes seconds on a busy machine): those fire once, as the latest.
     assert len(runs) == len(set(runs)), events
-    assert all(b - a == 5 for a, b in itertools.pairwise(runs)), events
-    assert any(run > killed for run in runs)
+    missing = set(range(runs[0], runs[-1], 5)) - set(runs)
+    assert all(killed < m < back for m in missing), (missing, killed, back, events)
+    down = range(math.ceil(killed / 5) * 5, math.ceil(back), 5)
+    assert not down or down[-1] in runs, (list(down), events)  # the latest run due while down still fired
     skipped = [e for _, e in events if e.startswith("skipped")]
     assert skipped and all(re.fullmatch(rf"skipped \({NAME}-\d{{8}}-\d{{6}} still running\)", e) for e in skipped)
     # Every run that fired is one ordinary batch named after the schedule and its time.
     fired = [e.removeprefix("fired ") for _, e in events if e.startswith("fired")]
     assert len(fired) >= 4 and sorted(fired) == batches(c)
     logs = c.logs()
-    assert "already fired" not in logs
     assert f"schedule {NAME}: skipping the run at" in logs
-    sent = re.findall(rf"schedule {NAME}: sent the run at ([^\n]+)", "".join(
-        (c.tmp / f"beat{i}.log").read_text() for i in range(3)))
-    assert len(sent) == len(set(sent)) >= len(runs)
+    beat_logs = "".join((c.tmp / f"beat{i}.log").read_text() for i in range(3))
+    # Each run is sent once; only a run whose sender died before marking it sent goes out again,
+    # and the worker drops that copy.
+    sent = re.findall(rf"schedule {NAME}: sent the run at ([^\n]+)", beat_logs)
+    resent = re.findall(rf"schedule {NAME}: the run at ([^\n]+?) was claimed", beat_logs)
+    assert len(sent) - len(set(sent)) <= len(resent) <= 1 and len(set(sent)) >= len(runs), beat_logs
+    assert logs.count("already fired") == len(resent)
     wait_until(lambda: all(len(c.results(b)) == 1 for b in fired), 60, "every fired batch done")
     listed = run_producer(["batches"], {**c.env, "COLUMNS": "200"})
     assert listed.returncode == 0 and all(b in listed.stdout for b in fired[-3:]), listed
