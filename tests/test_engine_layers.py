@@ -34,8 +34,9 @@ RANKS = {
     "blob_upload": 6,
     "blobs": 7,
     "copy": 8,
-    "registry": 9,
-    "docker": 9,
+    "referrers": 9,
+    "registry": 10,
+    "docker": 10,
 }
 TASK_LAYER = ("celery", "kombu", "producer")
 
