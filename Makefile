@@ -8,7 +8,8 @@ TARGET ?=
 WORKERS ?= 2
 CONCURRENCY ?= 4
 
-.PHONY: venv run worker flower test test-fast test-slow test-faults test-docker test-cluster measure test-metrics lint fmt bench clean
+.PHONY: venv run worker flower beat test test-fast test-slow test-faults test-docker test-cluster measure \
+	test-metrics test-schedules lint fmt bench clean
 
 venv: .venv/.stamp
 .venv/.stamp: pyproject.toml
@@ -28,12 +29,15 @@ worker: venv
 flower: venv
 	$(PY) -m workers flower
 
+beat: venv
+	$(PY) -m workers beat
+
 ## Every suite (what CI runs).
 test: venv
 	$(PYTEST) -q -p no:cacheprovider
 
 test-fast: venv
-	$(PYTEST) -q -m "not slow and not faults and not docker and not cluster and not metrics"
+	$(PYTEST) -q -m "not slow and not faults and not docker and not cluster and not metrics and not schedules"
 
 test-slow: venv
 	$(PYTEST) -q -m slow
@@ -53,6 +57,9 @@ measure: venv
 
 test-metrics: venv
 	$(PYTEST) -q -m metrics
+
+test-schedules: venv
+	$(PYTEST) -q -m schedules
 
 lint: venv
 	$(PY) -m ruff check config contract producer workers tests

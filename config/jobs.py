@@ -24,6 +24,8 @@ class SyncJob(BaseModel):
     platforms: list[str] = Field(default_factory=list)
     engine: Literal["registry", "docker"] = "registry"
     line: int = 0
+    # Copy the image's signatures, attestations and SBOMs along with it.
+    referrers: bool = True
 
 
 class DestinationResult(BaseModel):
@@ -36,6 +38,8 @@ class DestinationResult(BaseModel):
     blobs_mounted: int = 0
     blobs_skipped: int = 0
     bytes_transferred: int = 0
+    # Signatures, attestations and SBOMs pushed along with the image.
+    referrers_copied: int = 0
     error: str | None = None
 
 

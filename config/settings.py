@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from config import defaults
+from config.schedules import Schedule
 
 EngineName = Literal["registry", "docker"]
 
@@ -102,6 +103,8 @@ class FerrySettings(BaseSettings):
     task_max_retries: NonNegativeInt = 3
     # Seconds before a failed image's task runs again; doubled for each later run.
     task_retry_delay: PositiveFloat = 10.0
+    # Copy each image's referrers (signatures, attestations, SBOMs); a list line can opt out too.
+    referrers: bool = True
     docker_config: str | None = None
     docker_host: str | None = None
     registries: dict[str, RegistryConfig] = Field(default_factory=dict)
@@ -120,6 +123,9 @@ class FerrySettings(BaseSettings):
     # Where the worker's processes keep their counts (emptied at start); default: one directory per
     # port under the system's temporary directory.
     metrics_dir: str | None = None
+    # What `python -m workers beat` runs: schedules given inline (JSON) and/or in a TOML file.
+    schedules: list[Schedule] = Field(default_factory=list)
+    schedule_file: str | None = None
 
     @field_validator("broker_url", "result_url")
     @classmethod

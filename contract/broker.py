@@ -13,6 +13,9 @@ from config.settings import FerrySettings
 SYNC_QUEUE = "ferry"
 SYNC_TASK = "ferry.sync_image"
 CLEANUP_TASK = "ferry.cleanup"
+# Runs of schedules, sent by beat; every worker consumes this queue beside the shared one.
+SCHEDULE_QUEUE = "ferry.schedules"
+SCHEDULE_TASK = "ferry.schedule"
 
 
 def node_queue(node: str) -> str:

@@ -14,6 +14,13 @@ Workers and their metrics:
   ferry:workers               sorted set worker (node@host) -> when it last reported in
   ferry:metrics:cluster       which worker's endpoint exports the cluster gauges (a short lease)
 
+Schedules (beat and workers; see workers/beat.py and workers/schedules.py):
+  ferry:schedule:<name>                  hash: run, sent, claimed_at (beat); batch, fired_at, fired,
+                                         skipped, skipped_at, error (workers)
+  ferry:schedule:<name>:run:<run time>   the task id that fired that run (expires with batches)
+  ferry:schedule:<name>:history          the latest runs, newest first: "<run time> fired <batch>",
+                                         "<run time> skipped (<batch> still running)" or "<run time> invalid: …"
+
 Cluster coordination (workers) lives under ``ferry:coord:``.
 """
 
@@ -25,10 +32,26 @@ BATCH_INDEX = f"{PREFIX}:batches"
 COORD_PREFIX = f"{PREFIX}:coord"
 WORKERS = f"{PREFIX}:workers"
 METRICS_LEASE = f"{PREFIX}:metrics:cluster"
+SCHEDULE_PREFIX = f"{PREFIX}:schedule"
 
 
 def batch(batch_id: str, part: str) -> str:
     return f"{BATCH_PREFIX}:{batch_id}:{part}"
+
+
+# -- schedules
+
+
+def schedule(name: str) -> str:
+    return f"{SCHEDULE_PREFIX}:{name}"
+
+
+def schedule_run(name: str, run_at: float) -> str:
+    return f"{SCHEDULE_PREFIX}:{name}:run:{run_at:.0f}"
+
+
+def schedule_history(name: str) -> str:
+    return f"{SCHEDULE_PREFIX}:{name}:history"
 
 
 # -- coordination

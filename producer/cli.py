@@ -23,8 +23,7 @@ from rich.table import Table
 from config import describe
 from config.reference import InvalidReference
 from config.settings import FerrySettings, describe_validation_error
-from producer.listfile import ListFileError, parse_list
-from producer.mapping import Target, map_destinations
+from producer.listfile import ListFileError
 from producer.report import Summary, as_json, render, summarize
 from producer.standalone import Stopped
 
@@ -102,24 +101,22 @@ def _read_list(path: str) -> bytes:
 
 
 def cmd_enqueue(args: argparse.Namespace, settings: FerrySettings, out: Console, err: Console) -> int:
-    from producer.enqueue import build_jobs, enqueue, new_batch_id
+    from producer.enqueue import enqueue, new_batch_id, plan_batch
 
     data = _read_list(args.list)
     targets_raw = args.target or settings.targets
+    batch_id = new_batch_id()
     try:
-        parsed = parse_list(data)
-        targets = [Target.parse(t) for t in targets_raw]
-        mapped = map_destinations(parsed.entries, targets, flatten=args.flatten)
+        jobs, warnings = plan_batch(batch_id, data, targets_raw, flatten=args.flatten, engine=settings.engine,
+                                    referrers=settings.referrers)
     except ListFileError as e:
         for le in e.errors:
             err.print(f"[red]{escape(args.list)}:{le.line}:[/] {escape(le.reason)}: {escape(le.text)}", soft_wrap=True)
         raise UsageError(f"{len(e.errors)} invalid line(s) in {args.list}; nothing was enqueued") from None
     except InvalidReference as e:
         raise UsageError(f"bad --target: {e}") from None
-    for w in parsed.warnings:
+    for w in warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
-    batch_id = new_batch_id()
-    jobs = build_jobs(batch_id, mapped, settings.engine)
     standalone = settings.broker_url is None
     if standalone and not args.wait:
         raise UsageError("FERRY_BROKER_URL is not set: set it to enqueue to a cluster, "
@@ -142,7 +139,7 @@ def cmd_enqueue(args: argparse.Namespace, settings: FerrySettings, out: Console,
 
 def _check_local_worker_settings(settings: FerrySettings) -> None:
     """Standalone: the local worker reads these settings; refuse bad ones before anything starts."""
-    from workers.engine.keychain import docker_config_file
+    from contract.docker_config import docker_config_file
 
     try:
         docker_config_file(settings.docker_config)

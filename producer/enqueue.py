@@ -13,7 +13,8 @@ from config.jobs import BatchMeta, SyncJob
 from config.settings import EngineName, FerrySettings
 from contract.batches import BatchStore
 from contract.broker import SYNC_QUEUE, SYNC_TASK, celery_config
-from producer.mapping import Mapped
+from producer.listfile import parse_list
+from producer.mapping import Mapped, Target, map_destinations
 
 _TASK_NS = uuid.UUID("3b7c1f0e-9a52-4d8e-8f0a-6f1e2c9d4b10")
 
@@ -29,7 +30,7 @@ def task_id_for(batch_id: str, job: SyncJob, retry: int = 0) -> str:
     return str(uuid.uuid5(_TASK_NS, key + (f"|retry{retry}" if retry else "")))
 
 
-def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: EngineName) -> list[SyncJob]:
+def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: EngineName, *, referrers: bool = True) -> list[SyncJob]:
     """One job per distinct copy: lines that spell the same copy differently share one task id,
     and two jobs under one id would be counted twice in the report."""
     jobs: dict[tuple[str, tuple[str, ...], tuple[str, ...]], SyncJob] = {}
@@ -41,6 +42,7 @@ def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: EngineName) -> l
             platforms=[str(p) for p in m.entry.platforms],
             engine=engine,
             line=m.entry.line,
+            referrers=referrers and m.entry.referrers,
         )
         jobs.setdefault((job.source, tuple(job.destinations), tuple(job.platforms)), job)
     return list(jobs.values())
@@ -51,6 +53,17 @@ def broker_app(settings: FerrySettings) -> Celery:
     app = Celery("ferry")
     app.conf.update(celery_config(settings))
     return app
+
+
+def plan_batch(batch_id: str, data: bytes, targets: Sequence[str], *, flatten: bool, engine: EngineName,
+               referrers: bool = True) -> tuple[list[SyncJob], list[str]]:
+    """A list's bytes to the jobs of one batch, and the list's warnings: the one path from a list
+    to a batch, for ``producer enqueue`` and for scheduled runs alike. Raises ListFileError naming
+    every bad line, or InvalidReference for a bad target."""
+    parsed = parse_list(data)
+    parsed_targets = [Target.parse(t) for t in targets]
+    mapped = map_destinations(parsed.entries, parsed_targets, flatten=flatten)
+    return build_jobs(batch_id, mapped, engine, referrers=referrers), parsed.warnings
 
 
 def enqueue(app: Celery, store: BatchStore, batch_id: str, list_file: str, targets: list[str],

@@ -3,6 +3,7 @@
     # comments and blank lines are ignored
     nginx                                         # docker.io/library/nginx:latest
     --platform=linux/amd64,linux/arm64 redis:7    # only these platforms
+    --no-referrers ghcr.io/org/app:v1             # without its signatures, attestations and SBOMs
     quay.io/org/app:v1  mirror.example.com/infra/app:v1   # explicit destination
 
 A destination written without a tag or digest takes the source's.
@@ -33,6 +34,8 @@ class ListEntry:
     destination: Reference | None = None
     # Empty means every platform the source has.
     platforms: tuple[Platform, ...] = ()
+    # Whether the image's signatures, attestations and SBOMs go along.
+    referrers: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +143,8 @@ def _strip_comment(line: str) -> str:
 def _parse_line(number: int, text: str, content: str) -> ListEntry:
     words = content.split()
     platforms: list[Platform] = []
-    positional = _options(words, platforms) if "--" in content else words
+    flags: set[str] = set()
+    positional = _options(words, platforms, flags) if "--" in content else words
     if not positional:
         raise _LineProblem("missing image after options")
     if len(positional) > 2:
@@ -153,11 +157,17 @@ def _parse_line(number: int, text: str, content: str) -> ListEntry:
             destination = source.with_name(destination.registry, destination.repository)
         elif destination.digest and source.digest and destination.digest != source.digest:
             raise _LineProblem("the destination digest differs from the source digest")
-    return ListEntry(number, text, source, destination, tuple(dict.fromkeys(platforms)) if platforms else ())
+    return ListEntry(number, text, source, destination, tuple(dict.fromkeys(platforms)) if platforms else (),
+                     referrers="--no-referrers" not in flags)
 
 
-def _options(words: list[str], platforms: list[Platform]) -> list[str]:
-    """Collect --platform values into ``platforms``; return the other words."""
+# Options that take no value.
+_FLAGS = frozenset({"--no-referrers"})
+
+
+def _options(words: list[str], platforms: list[Platform], flags: set[str]) -> list[str]:
+    """Collect --platform values into ``platforms`` and value-less options into ``flags``;
+    return the other words."""
     positional: list[str] = []
     i = 0
     while i < len(words):
@@ -167,8 +177,13 @@ def _options(words: list[str], platforms: list[Platform]) -> list[str]:
             positional.append(word)
             continue
         option, eq, value = word.partition("=")
+        if option in _FLAGS:
+            if eq:
+                raise _LineProblem(f"{option} takes no value")
+            flags.add(option)
+            continue
         if option != "--platform":
-            raise _LineProblem(f"unknown option {_shorten(option)!r} (only --platform is understood)")
+            raise _LineProblem(f"unknown option {_shorten(option)!r} (understood: --platform, --no-referrers)")
         if not eq:
             if i >= len(words):
                 raise _LineProblem("--platform needs a value, e.g. --platform=linux/amd64")

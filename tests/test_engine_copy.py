@@ -266,12 +266,16 @@ def test_digest_pinned_source(src: Registry, dst: Registry, src_pusher: Pusher,
     assert r.destinations[1].blobs_mounted == len(img.blobs) and r.destinations[1].blobs_copied == 0
 
 
-def test_up_to_date_image_costs_two_heads(src: Registry, dst: Registry, src_pusher: Pusher,
-                                          engine: RegistryEngine) -> None:
-    push_image(src_pusher, "lib/app", archs=("amd64", "arm64"))
-    assert sync(engine, f"{src.host}/lib/app:v1", f"{dst.host}/m/app:v1").status == "synced"
-    src_before, dst_before = len(requests(src)), len(requests(dst))
-    r = sync(engine, f"{src.host}/lib/app:v1", f"{dst.host}/m/app:v1")
+def test_up_to_date_image_costs_two_heads(src: Registry, dst: Registry, src_pusher: Pusher) -> None:
+    # Without referrers; tests/test_referrers.py counts what looking for them adds.
+    engine = RegistryEngine(RegistryOptions(referrers=False))
+    try:
+        push_image(src_pusher, "lib/app", archs=("amd64", "arm64"))
+        assert sync(engine, f"{src.host}/lib/app:v1", f"{dst.host}/m/app:v1").status == "synced"
+        src_before, dst_before = len(requests(src)), len(requests(dst))
+        r = sync(engine, f"{src.host}/lib/app:v1", f"{dst.host}/m/app:v1")
+    finally:
+        engine.close()
     assert r.status == "up_to_date" and r.destinations[0].status == "up_to_date"
     assert r.bytes_uploaded == r.bytes_downloaded == 0
     assert [(m, p) for m, p, _ in requests(src)[src_before:]] == [("HEAD", "/v2/lib/app/manifests/v1")]

@@ -34,8 +34,9 @@ RANKS = {
     "blob_upload": 6,
     "blobs": 7,
     "copy": 8,
-    "registry": 9,
-    "docker": 9,
+    "referrers": 9,
+    "registry": 10,
+    "docker": 10,
 }
 # Only the task layer may import these (metrics included: the engine reports to an Observer).
 TASK_LAYER = ("celery", "kombu", "producer", "prometheus_client")

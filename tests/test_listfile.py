@@ -106,6 +106,16 @@ def test_platform_options(line: str, platforms: list[str]) -> None:
 
 
 @pytest.mark.parametrize(
+    ("line", "referrers"),
+    [("nginx", True), ("--no-referrers nginx", False), ("--platform=linux/arm64 --no-referrers redis:7", False),
+     ("redis:7 mirror.example.com/r:7", True)],
+)
+def test_no_referrers_option(line: str, referrers: bool) -> None:
+    (entry,) = parse_list(line.encode()).entries
+    assert entry.referrers is referrers
+
+
+@pytest.mark.parametrize(
     ("line", "reason"),
     [
         ("Nginx:latest", "bad source reference: repository name 'library/Nginx' must be lowercase"),
@@ -122,6 +132,8 @@ def test_platform_options(line: str, platforms: list[str]) -> None:
         ("--platform=linux/amd64", "missing image after options"),
         ("--platform linux/amd64", "missing image after options"),
         ("a b c", "more than two fields"),
+        ("--no-referrers=yes nginx", "--no-referrers takes no value"),
+        ("--no-referrers", "missing image after options"),
         (f"ghcr.io/a/b@{SHA} mirror.example.com/b@sha256:{'b' * 64}", "destination digest differs"),
     ],
 )
@@ -139,7 +151,7 @@ def test_all_errors_are_collected_in_one_raise() -> None:
     text = str(ListFileError(errors))
     assert text.splitlines() == [
         "LINE 2: bad source reference: repository name 'library/BAD' must be lowercase: BAD",
-        "LINE 3: unknown option '--nope' (only --platform is understood): --nope redis",
+        "LINE 3: unknown option '--nope' (understood: --platform, --no-referrers): --nope redis",
         "LINE 7: more than two fields: expected [--platform=...] SOURCE [DESTINATION]: x y z",
     ]
 

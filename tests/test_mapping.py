@@ -228,3 +228,11 @@ def test_all_mapping_errors_are_collected() -> None:
     with pytest.raises(ListFileError) as info:
         map_destinations(entries, [Target.parse("r.example.com")], flatten=True)
     assert [e.line for e in info.value.errors] == [2, 4]
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(True, [True, False]), (False, [False, False])])
+def test_jobs_carry_referrers_unless_the_line_or_the_setting_turns_them_off(setting: bool,
+                                                                           expected: list[bool]) -> None:
+    entries = _entries("nginx:1\n--no-referrers redis:7\n")
+    mapped = map_destinations(entries, [Target.parse("127.0.0.1:5002")], flatten=False)
+    assert [j.referrers for j in build_jobs("b", mapped, "registry", referrers=setting)] == expected

@@ -1,5 +1,7 @@
-"""Packages import one way: the producer and the workers share only ``config`` and ``contract``;
-the engine and the cluster coordination never load Celery."""
+"""Packages import one way: the producer and the workers share only ``config`` and ``contract`` —
+except that scheduled runs enqueue a list the way ``producer enqueue`` does, so the two worker
+modules that fire them use the producer's list-to-batch path; the engine and the cluster
+coordination never load Celery."""
 
 from __future__ import annotations
 
@@ -33,6 +35,11 @@ def test_producer_never_imports_workers() -> None:
     for mod, found in tops("producer").items():
         assert "workers" not in found, f"{mod} imports workers"
     assert "workers" not in loaded_after_importing(["producer"])
+
+
+def test_workers_use_the_producer_only_to_enqueue_scheduled_runs() -> None:
+    importing = {mod for mod, found in tops("workers").items() if "producer" in found}
+    assert importing == {"workers.beat", "workers.schedules"}
 
 
 def test_contract_imports_neither_side_nor_celery() -> None:

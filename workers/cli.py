@@ -12,11 +12,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from config.reference import host_is_loopback
+from config.schedules import Schedule
 from config.settings import FerrySettings, describe_validation_error
-from contract.broker import SYNC_QUEUE, node_queue
+from contract.broker import SCHEDULE_QUEUE, SYNC_QUEUE, node_queue
+from contract.docker_config import docker_config_file
 from workers import runtime
 from workers.app import configure
-from workers.engine.keychain import docker_config_file
+from workers.beat import ScheduleError, load_schedules, run_beat
 from workers.metrics import Recorder
 from workers.presence import make_presence_step
 from workers.upkeep import make_upkeep_step
@@ -53,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     fl.add_argument("--basic-auth", default=os.environ.get("FERRY_FLOWER_BASIC_AUTH"),
                     help="user:password (required unless Flower listens on loopback)")
     sub.add_parser("cleanup", help="apply this node's disk policy once and print what was freed")
+    sub.add_parser("beat", help="run the schedules of FERRY_SCHEDULES and FERRY_SCHEDULE_FILE "
+                   "(several beats may run: each run fires once)")
     return p
 
 
@@ -77,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if settings.broker_url is None:
         return _fail("FERRY_BROKER_URL is not set (e.g. redis://:password@redis-host:6379/0)")
+    schedules: list[Schedule] = []
+    if args.command == "beat":
+        try:
+            schedules = load_schedules(settings)
+        except ScheduleError as e:
+            return _fail(str(e))
+        if not schedules:
+            return _fail("no schedules: set FERRY_SCHEDULES (JSON) or FERRY_SCHEDULE_FILE (TOML)")
     logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.loglevel.upper() != "DEBUG":
         # httpx logs every request at INFO: thousands of lines that bury the outcomes.
@@ -84,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     app = configure(settings)
     if args.command == "flower":
         return _flower(app, args)
+    if args.command == "beat":
+        run_beat(app, schedules, settings, args.loglevel.upper())
+        return 0
     _keep_tasks_through_reconnects()
     recorder: Recorder | None = None
     if settings.metrics_port is not None:
@@ -104,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "worker",
         "--hostname", f"{settings.node}@%h",
         *pool,
-        "--queues", f"{SYNC_QUEUE},{node_queue(settings.node)}",
+        "--queues", f"{SYNC_QUEUE},{node_queue(settings.node)},{SCHEDULE_QUEUE}",
         "--loglevel", args.loglevel.upper(),
         "--without-gossip", "--without-mingle",
         "--task-events",

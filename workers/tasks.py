@@ -13,10 +13,12 @@ from celery.exceptions import Retry
 
 from config import describe
 from config.jobs import SyncJob, SyncResult, TaskState
+from config.schedules import ScheduleFiring
 from contract.batches import BatchStore
-from contract.broker import CLEANUP_TASK, SYNC_TASK, node_queue
+from contract.broker import CLEANUP_TASK, SCHEDULE_TASK, SYNC_TASK, node_queue
 from workers import runtime
 from workers.app import app
+from workers.schedules import fire
 
 log = logging.getLogger("ferry.tasks")
 
@@ -161,3 +163,8 @@ def cleanup(self: Task, engine: str = "registry", batch_id: str | None = None,
     if batch_id:
         runtime.store().record_cleanup(batch_id, self.request.id or "", result)
     return describe.flower_cleanup(result)
+
+
+@app.task(name=SCHEDULE_TASK, bind=True, acks_late=True)
+def fire_schedule(self: Task, firing: dict[str, Any]) -> str:
+    return fire(app, runtime.store(), ScheduleFiring.model_validate(firing), task_id=self.request.id or "")

@@ -26,26 +26,16 @@ def ferry_env(broker_url: str | None, tmp: Path, **extra: str) -> dict[str, str]
     return env
 
 
-@dataclass
-class Worker:
-    node: str
-    env: dict[str, str]
+class _Process:
+    """Kill, stop and log for a ``python -m workers …`` process started in its own session."""
+
+    proc: subprocess.Popen[bytes] | None
     log_path: Path
-    concurrency: int = 2
-    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
-    def start(self, broker: redis.Redis | None = None) -> Worker:
+    def _spawn(self, args: list[str], env: dict[str, str]) -> None:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "workers", "--node", self.node, "--concurrency", str(self.concurrency)],
-                cwd=ROOT, env=self.env, stdout=log, stderr=log, start_new_session=True)
-        if broker is not None:
-            wait_until(lambda: self.ready(broker), 30, f"worker {self.node}")
-        return self
-
-    def ready(self, broker: redis.Redis) -> bool:
-        # A consuming worker registers its queues in kombu's binding table.
-        return bool(broker.exists(f"_kombu.binding.ferry.node.{self.node}"))
+            self.proc = subprocess.Popen([sys.executable, "-m", "workers", *args], cwd=ROOT, env=env,
+                                         stdout=log, stderr=log, start_new_session=True)
 
     def kill(self) -> None:
         if self.proc is not None:
@@ -59,6 +49,38 @@ class Worker:
         return self.log_path.read_text(errors="replace")
 
 
+@dataclass
+class Worker(_Process):
+    node: str
+    env: dict[str, str]
+    log_path: Path
+    concurrency: int = 2
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self, broker: redis.Redis | None = None) -> Worker:
+        self._spawn(["--node", self.node, "--concurrency", str(self.concurrency)], self.env)
+        if broker is not None:
+            wait_until(lambda: self.ready(broker), 30, f"worker {self.node}")
+        return self
+
+    def ready(self, broker: redis.Redis) -> bool:
+        # A consuming worker registers its queues in kombu's binding table.
+        return bool(broker.exists(f"_kombu.binding.ferry.node.{self.node}"))
+
+
 def run_producer(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "producer", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@dataclass
+class Beat(_Process):
+    """A ``python -m workers beat`` process."""
+
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> Beat:
+        self._spawn(["beat"], self.env)
+        return self

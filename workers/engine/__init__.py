@@ -13,5 +13,6 @@ every module against it:
     6  ranges, blob_upload
     7  blobs
     8  copy
-    9  registry, docker
+    9  referrers
+    10 registry, docker
 """

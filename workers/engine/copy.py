@@ -25,6 +25,7 @@ from workers.engine.manifests import (
     INDEX_TYPES,
     Descriptor,
     Manifest,
+    ManifestHead,
     get_manifest,
     head_manifest,
     missing_manifest,
@@ -63,6 +64,12 @@ class CopyOutcome:
     failures: dict[str, RegistryError] = field(default_factory=dict)
     bytes_downloaded: int = 0
     bytes_uploaded: int = 0
+    # The source manifest's media type, and the root pushed when it was fetched: what the
+    # referrers step needs to find the digests whose signatures go along.
+    source_media_type: str = ""
+    root: Manifest | None = None
+    # The root is an index built here (a platform filter kept some children), not the source's.
+    root_built: bool = False
 
 
 def _platform_text(p: object) -> str:
@@ -181,8 +188,9 @@ def copy_image(
     # The source lookup and the destinations' HEADs are independent: one round trip for all.
     src_future = executor.submit(_resolve_source, transport, src)
     dst_futures = [executor.submit(head_manifest, transport, d) for d in destinations]
-    source_digest, fetched = src_future.result()
-    outcome = CopyOutcome(source_digest=source_digest)
+    head = src_future.result()
+    source_digest, fetched = head.digest, head.manifest
+    outcome = CopyOutcome(source_digest=source_digest, source_media_type=head.media_type, root=fetched)
     src_pinned = src.with_digest(source_digest)
 
     plan: ImagePlan | None = None
@@ -192,6 +200,7 @@ def copy_image(
         root = select_platforms(transport, src_pinned, manifest, platforms) if manifest.is_index else manifest
         plan = plan_image(transport, src_pinned, root, executor)
         plan.digest_changed = root.digest != source_digest
+        outcome.root, outcome.root_built = root, root.is_index and plan.digest_changed
         target = root.digest
     else:
         target = source_digest
@@ -213,11 +222,12 @@ def copy_image(
         return outcome
     if plan is None:
         plan = plan_image(transport, src_pinned, fetched or get_manifest(transport, src_pinned), executor)
+        outcome.root = plan.root
 
     for dst in pending:
         try:
-            result, downloaded = _copy_to(transport, copier, executor, src_pinned, dst, plan, progress, expect,
-                                          use_cache=cache_single_target or len(pending) > 1)
+            result, downloaded = copy_plan(transport, copier, executor, src_pinned, dst, plan, progress, expect,
+                                           use_cache=cache_single_target or len(pending) > 1)
         except RegistryError as exc:
             _fail(outcome, dst, exc)
             continue
@@ -230,13 +240,13 @@ def copy_image(
     return outcome
 
 
-def _resolve_source(transport: RegistryTransport, src: Reference) -> tuple[str, Manifest | None]:
+def _resolve_source(transport: RegistryTransport, src: Reference) -> ManifestHead:
     """The source's digest by HEAD (free of Docker Hub's pull quota), or by GET where a
     registry sends no digest header — then the fetched manifest is kept for reuse."""
     head = head_manifest(transport, src)
     if head is None:
         raise missing_manifest(transport, src)
-    return head.digest, head.manifest
+    return head
 
 
 def _fail(outcome: CopyOutcome, dst: Reference, exc: RegistryError) -> None:
@@ -245,7 +255,7 @@ def _fail(outcome: CopyOutcome, dst: Reference, exc: RegistryError) -> None:
     outcome.destinations.append(DestinationResult(destination=str(dst), status="failed", error=exc.reason(dst)))
 
 
-def _copy_to(
+def copy_plan(
     transport: RegistryTransport,
     copier: BlobCopier,
     executor: Executor,

@@ -21,6 +21,7 @@ from workers.engine.copy import CopyOutcome, copy_image
 from workers.engine.errors import DigestMismatch, NotFound, RegistryError
 from workers.engine.keychain import Keychain
 from workers.engine.protocols import CleanupStats, Coordinator, NoObserver, Observer, ProgressFn
+from workers.engine.referrers import ReferrerCopier, carry_referrers
 from workers.engine.results import sync_result
 from workers.engine.retry import RetryPolicy
 from workers.engine.transport import DEFAULT_USER_AGENT, MAX_CONNECTIONS_PER_HOST, RegistryTransport
@@ -57,6 +58,8 @@ class RegistryOptions:
     # once (0/1: one stream), for registries that cap each connection's throughput.
     range_parallel: int = defaults.RANGE_PARALLEL
     range_threshold: int = defaults.RANGE_THRESHOLD
+    # Copy each image's signatures, attestations and SBOMs (a job can still opt out).
+    referrers: bool = True
 
 
 # What a pull-through mirror answers for content it does not hold (or holds damaged).
@@ -109,6 +112,7 @@ class RegistryEngine:
                                 coordinator=coordinator,
                                 range_parallel=o.range_parallel, range_threshold=o.range_threshold)
         self._executor = ThreadPoolExecutor(max_workers=o.blob_concurrency, thread_name_prefix="ferry-blob")
+        self.referrers = ReferrerCopier(self.transport, self.blobs, self._executor)
 
     def sync(self, job: SyncJob, progress: ProgressFn, *, expect: ProgressFn | None = None) -> SyncResult:
         try:
@@ -118,7 +122,8 @@ class RegistryEngine:
         except ValueError as exc:
             return sync_result(job, self.name, failures=[exc])
         try:
-            outcome = self._copy_via_mirrors(src, dsts, platforms, progress, expect)
+            outcome = self._copy_via_mirrors(src, dsts, platforms, progress, expect,
+                                             referrers=self.options.referrers and job.referrers)
         except RegistryError as exc:
             exc.with_reference(src)
             log.debug("sync of %s failed: %s", src, exc)  # the task layer logs the outcome once
@@ -138,14 +143,14 @@ class RegistryEngine:
         return [*(src.with_name(m, src.repository) for m in mirrors), src]
 
     def _copy_via_mirrors(self, src: Reference, dsts: list[Reference], platforms: list[Platform],
-                          progress: ProgressFn, expect: ProgressFn | None) -> CopyOutcome:
+                          progress: ProgressFn, expect: ProgressFn | None, *, referrers: bool) -> CopyOutcome:
         candidates = self.sources(src)
         merged: CopyOutcome | None = None
         pending = dsts
         for i, source in enumerate(candidates):
             last = i == len(candidates) - 1
             try:
-                outcome = self._copy(source, pending, platforms, progress, expect)
+                outcome = self._copy(source, pending, platforms, progress, expect, referrers=referrers)
             except RegistryError as exc:
                 if last:
                     raise
@@ -163,10 +168,14 @@ class RegistryEngine:
         raise AssertionError("unreachable")
 
     def _copy(self, src: Reference, dsts: list[Reference], platforms: list[Platform],
-              progress: ProgressFn, expect: ProgressFn | None) -> CopyOutcome:
-        return copy_image(self.transport, self.blobs, self._executor, src, dsts,
-                          platforms=platforms, progress=progress, expect=expect,
-                          cache_single_target=self.options.cache_single_target)
+              progress: ProgressFn, expect: ProgressFn | None, *, referrers: bool) -> CopyOutcome:
+        outcome = copy_image(self.transport, self.blobs, self._executor, src, dsts,
+                             platforms=platforms, progress=progress, expect=expect,
+                             cache_single_target=self.options.cache_single_target)
+        if referrers:
+            carry_referrers(self.referrers, src, dsts, outcome, progress, expect,
+                            use_cache=self.options.cache_single_target or len(dsts) > 1)
+        return outcome
 
     def _warnings(self, src: Reference) -> list[str]:
         quota = self.transport.quota(src.api_host)
