@@ -121,8 +121,6 @@ def cmd_enqueue(args: argparse.Namespace, settings: FerrySettings, out: Console,
     if standalone and not args.wait:
         raise UsageError("FERRY_BROKER_URL is not set: set it to enqueue to a cluster, "
                          "or add --wait to run standalone on this machine")
-    if standalone:
-        _check_local_worker_settings(settings)
     with _broker(settings, err) as settings:
         app, store = _connect(settings)
         try:
@@ -137,14 +135,17 @@ def cmd_enqueue(args: argparse.Namespace, settings: FerrySettings, out: Console,
             store.close()
 
 
-def _check_local_worker_settings(settings: FerrySettings) -> None:
-    """Standalone: the local worker reads these settings; refuse bad ones before anything starts."""
-    from contract.docker_config import docker_config_file
+@contextmanager
+def _local_worker_errors() -> Iterator[None]:
+    """A local worker that refuses its settings (exit 2) is bad input, reported as such."""
+    from producer.standalone import LocalWorkerFailed
 
     try:
-        docker_config_file(settings.docker_config)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+        yield
+    except LocalWorkerFailed as e:
+        if e.code == USAGE:
+            raise UsageError(str(e)) from None
+        raise RuntimeError(f"the local worker exited with code {e.code}: {e}") from None
 
 
 @contextmanager
@@ -154,7 +155,7 @@ def _broker(settings: FerrySettings, err: Console) -> Iterator[FerrySettings]:
         return
     from producer.standalone import local_cluster
 
-    with local_cluster(workers=1, concurrency=settings.concurrency) as url:
+    with _local_worker_errors(), local_cluster(workers=1, concurrency=settings.concurrency) as url:
         err.print(f"standalone: started a local Redis and a worker with {settings.concurrency} "
                   "processes for this run (set FERRY_BROKER_URL to use a cluster)", soft_wrap=True)
         yield settings.model_copy(update={"broker_url": SecretStr(url)})

@@ -16,9 +16,44 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
+import redis
+
+from contract.broker import node_queue
+
 # The signals that stop a run the way Ctrl-C does: `timeout`, CI runners and systemd send SIGTERM,
 # a closed terminal SIGHUP. Each tears down the private Redis and workers before the producer exits.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class LocalWorkerFailed(Exception):
+    """The local worker exited while starting; ``code`` 2 means it refused its settings."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# Seconds a local worker may take to start consuming (imports, broker connection).
+WORKER_START_TIMEOUT = 120.0
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], node: str, log_path: Path) -> None:
+    """Until the worker consumes its node queue (kombu lists the queue's binding in Redis); a worker
+    that exits first ends the run with what it said."""
+    client = redis.Redis.from_url(url)
+    try:
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                said = [ln for ln in log_path.read_text(errors="replace").splitlines() if "error:" in ln]
+                reason = said[-1].split("error:", 1)[1].strip() if said else f"exit code {proc.returncode}"
+                raise LocalWorkerFailed(proc.returncode, reason)
+            if client.exists(f"_kombu.binding.{node_queue(node)}"):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"the local worker did not start within {WORKER_START_TIMEOUT:.0f} s; see {log_path}")
+    finally:
+        client.close()
 
 
 class Stopped(Exception):
@@ -135,9 +170,11 @@ def local_cluster(workers: int, concurrency: int) -> Iterator[str]:
         _wait_port(port, redis_proc)
         url = f"redis://127.0.0.1:{port}/0"
         env = dict(os.environ, FERRY_BROKER_URL=url)
-        for i in range(workers):
-            spawn([sys.executable, "-m", "workers", "--node", f"{socket.gethostname()}-local{i}",
-                   "--concurrency", str(concurrency), "--loglevel", "WARNING"], env)
+        nodes = [f"{socket.gethostname()}-local{i}" for i in range(workers)]
+        started = [spawn([sys.executable, "-m", "workers", "--node", node, "--concurrency", str(concurrency),
+                          "--loglevel", "WARNING"], env) for node in nodes]
+        for node, proc in zip(nodes, started, strict=True):
+            _wait_ready(url, proc, node, workdir / "cluster.log")
         yield url
     except BaseException:
         interrupted = True

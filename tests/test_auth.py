@@ -18,7 +18,6 @@ import pytest
 
 from config.reference import canonical_registry
 from config.settings import FerrySettings
-from contract.docker_config import docker_config_file
 from tests.support.htpasswd import write_htpasswd
 from tests.support.images import Image, Pusher, push_image, sha
 from tests.support.registry import Registry
@@ -33,6 +32,7 @@ from workers.engine.keychain import (
     DockerConfigKeychain,
     Keychain,
     StaticKeychain,
+    docker_config_file,
 )
 from workers.runtime import build_keychain
 

@@ -124,7 +124,7 @@ def test_worker_bad_settings(tmp_path: Path, redis_server: RedisServer, env: dic
     assert_nothing_enqueued(redis_server)
 
 
-def test_standalone_refuses_a_missing_docker_config_before_starting_anything(tmp_path: Path) -> None:
+def test_standalone_reports_a_missing_docker_config_as_bad_input(tmp_path: Path) -> None:
     listing = tmp_path / "ok.txt"
     listing.write_text("nginx\n")
     env = ferry_env(None, tmp_path, FERRY_DOCKER_CONFIG=str(tmp_path / "nope"))

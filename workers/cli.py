@@ -15,10 +15,10 @@ from config.reference import host_is_loopback
 from config.schedules import Schedule
 from config.settings import FerrySettings, describe_validation_error
 from contract.broker import SCHEDULE_QUEUE, SYNC_QUEUE, node_queue
-from contract.docker_config import docker_config_file
 from workers import runtime
 from workers.app import configure
 from workers.beat import ScheduleError, load_schedules, run_beat
+from workers.engine.keychain import docker_config_file
 from workers.metrics import Recorder
 from workers.presence import make_presence_step
 from workers.upkeep import make_upkeep_step

@@ -18,12 +18,11 @@ from config.settings import FerrySettings, RegistryConfig
 # instead of each importing httpx, docker and friends again on its first task.
 from contract.batches import BatchStore
 from contract.broker import CLEANUP_TASK, SYNC_QUEUE, node_queue
-from contract.docker_config import docker_config_file
 from workers.cluster.coordinator import RedisCoordinator
 from workers.cluster.ratelimit import Limit
 from workers.engine.cache import BlobCache, CachePolicy
 from workers.engine.docker import DockerEngine
-from workers.engine.keychain import Credential, Keychain, configured_keychain
+from workers.engine.keychain import Credential, Keychain, configured_keychain, docker_config_file
 from workers.engine.local_coordinator import LocalCoordinator
 from workers.engine.protocols import Coordinator, Engine, Observer
 from workers.engine.registry import RegistryEngine, RegistryOptions
