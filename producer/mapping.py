@@ -60,7 +60,8 @@ def map_destinations(entries: Iterable[ListEntry], targets: Sequence[Target], *,
 
     A destination written on the line is used alone. Otherwise each target gets
     one: the source path under the target's namespace, or with ``flatten`` only
-    its last element. Tag and digest carry over unchanged.
+    its last element. Tag and digest carry over unchanged. A selector line's
+    destinations are repositories, each filled from one source repository.
     """
     mapped: list[Mapped] = []
     errors: list[LineError] = []
@@ -79,7 +80,7 @@ def map_destinations(entries: Iterable[ListEntry], targets: Sequence[Target], *,
                 errors.append(LineError(entry.line, entry.text, f"cannot build destination: {exc.reason}"))
                 continue
         clashed = False
-        for destination in destinations:
+        for destination in destinations if entry.selector is None else ():
             key = (destination.name, destination.ref if destination.tag is None else destination.tag)
             other = claimed.setdefault(key, entry)
             if other is not entry and not _same_image(other, entry):
@@ -87,9 +88,31 @@ def map_destinations(entries: Iterable[ListEntry], targets: Sequence[Target], *,
                 clashed = True
         if not clashed:
             mapped.append(Mapped(entry, destinations))
+    errors += _repository_clashes(mapped, flatten)
     if errors:
-        raise ListFileError(errors)
+        raise ListFileError(sorted(errors, key=lambda e: e.line))
     return mapped
+
+
+def _repository_clashes(mapped: Sequence[Mapped], flatten: bool) -> list[LineError]:
+    """A repository a selector line fills takes tags from that line's source repository only."""
+    filled: dict[str, ListEntry] = {}
+    for m in mapped:
+        if m.entry.selector is not None:
+            for d in m.destinations:
+                filled.setdefault(d.name, m.entry)
+    errors: list[LineError] = []
+    for m in mapped:
+        for d in m.destinations:
+            owner = filled.get(d.name)
+            if owner is not None and owner is not m.entry and owner.source.name != m.entry.source.name:
+                why = ("flattening to the last path element collided; give one of them an explicit destination"
+                       if flatten else "its tags would come from two repositories")
+                errors.append(LineError(m.entry.line, m.entry.text,
+                                        f"destination repository {d.name} is filled by the selector on line "
+                                        f"{owner.line} from {owner.source.name} ({why})"))
+                break
+    return errors
 
 
 def _under_target(source: Reference, target: Target, flatten: bool) -> Reference:

@@ -151,7 +151,8 @@ def test_all_errors_are_collected_in_one_raise() -> None:
     text = str(ListFileError(errors))
     assert text.splitlines() == [
         "LINE 2: bad source reference: repository name 'library/BAD' must be lowercase: BAD",
-        "LINE 3: unknown option '--nope' (understood: --platform, --no-referrers): --nope redis",
+        "LINE 3: unknown option '--nope' (understood: --platform, --no-referrers, --tags, --semver, --latest, "
+        "--all-tags, --exclude-tags): --nope redis",
         "LINE 7: more than two fields: expected [--platform=...] SOURCE [DESTINATION]: x y z",
     ]
 
