@@ -9,7 +9,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Status = Literal["synced", "up_to_date", "failed"]
+from config.expansion import ExpandJob
+
+# "would_copy": a dry run found the destination behind the source.
+Status = Literal["synced", "up_to_date", "failed", "would_copy"]
 
 
 class SyncJob(BaseModel):
@@ -26,6 +29,8 @@ class SyncJob(BaseModel):
     line: int = 0
     # Copy the image's signatures, attestations and SBOMs along with it.
     referrers: bool = True
+    # Check with HEADs and manifest reads only; write nothing anywhere.
+    dry_run: bool = False
 
 
 class DestinationResult(BaseModel):
@@ -128,6 +133,11 @@ class BatchMeta(BaseModel):
     # The current task of each job (same order); ``rounds`` say which replaced a failed one.
     task_ids: list[str]
     rounds: list[RetryRound] = Field(default_factory=list)
+    # Selector lines, expanded on the workers; the sync jobs they add live beside the batch.
+    expansions: list[ExpandJob] = Field(default_factory=list)
+    expansion_ids: list[str] = Field(default_factory=list)
+    dry_run: bool = False
+    prune: bool = False
 
     def earlier_tasks(self, task_id: str) -> list[str]:
         """The failed tasks ``task_id`` was retried for, latest first."""

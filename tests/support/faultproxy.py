@@ -93,7 +93,15 @@ class AddHeaders:
     headers: tuple[tuple[str, str], ...]
 
 
-Action = Status | Hangup | DropAfter | Corrupt | Stall | Delay | Truncate | Throttle | AddHeaders
+@dataclass(frozen=True)
+class Respond:
+    """Answer with what ``make(method, target)`` returns, computed off the proxy loop (it may block),
+    without forwarding: a small in-test server for one endpoint in front of a real registry."""
+
+    make: Callable[[str, str], Status]
+
+
+Action = Status | Hangup | DropAfter | Corrupt | Stall | Delay | Truncate | Throttle | AddHeaders | Respond
 
 
 def status(code: int, headers: dict[str, str] | None = None, body: bytes = b"") -> Status:
@@ -379,6 +387,9 @@ class FaultProxy:
             if any(isinstance(a, Hangup) for a in actions):
                 raise _Cut
             answer = next((a for a in actions if isinstance(a, Status)), None)
+            respond = next((a for a in actions if isinstance(a, Respond)), None)
+            if respond is not None:
+                answer = await asyncio.get_running_loop().run_in_executor(None, respond.make, method, target)
             if answer is not None:
                 if expects:
                     keep_alive = False  # the body was never invited; don't wait for it

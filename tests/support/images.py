@@ -46,6 +46,12 @@ class Pusher:
     base_url: str
     client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=60))
 
+    def __enter__(self) -> Pusher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+
     def blob(self, repo: str, data: bytes) -> str:
         d = sha(data)
         if self.client.head(f"{self.base_url}/v2/{repo}/blobs/{d}").status_code == 200:

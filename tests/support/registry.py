@@ -21,6 +21,8 @@ class Registry:
     # token auth: (realm URL, service, issuer, rootcertbundle path)
     token: tuple[str, str, str, Path] | None = None
     proxy_remote: str | None = None
+    # distribution refuses every DELETE (405 UNSUPPORTED) unless storage.delete.enabled is true.
+    delete_enabled: bool = True
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -64,7 +66,7 @@ class Registry:
               filesystem:
                 rootdirectory: {self.root / "data"}
               delete:
-                enabled: true
+                enabled: {"true" if self.delete_enabled else "false"}
               maintenance:
                 uploadpurging:
                   enabled: false

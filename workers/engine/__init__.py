@@ -8,11 +8,11 @@ every module against it:
     1  retry, cache, throttle, keychain, challenges, results, docker_plan
     2  auth, docker_daemon
     3  transport
-    4  manifests, blob_endpoints
-    5  blob_reader
+    4  manifests, blob_endpoints, tags
+    5  blob_reader, prune
     6  ranges, blob_upload
     7  blobs
     8  copy
-    9  referrers
+    9  referrers, plan
     10 registry, docker
 """

@@ -205,19 +205,7 @@ def copy_image(
     else:
         target = source_digest
 
-    pending: list[Reference] = []
-    for dst, dst_future in zip(destinations, dst_futures, strict=True):
-        try:
-            dhead = dst_future.result()
-        except RegistryError as exc:
-            _fail(outcome, dst, exc)
-            continue
-        if dhead is not None and dhead.digest == target:
-            outcome.destinations.append(DestinationResult(
-                destination=str(dst), status="up_to_date", digest=target,
-                digest_changed=target != source_digest))
-        else:
-            pending.append(dst)
+    pending = behind(outcome, destinations, dst_futures, target)
     if not pending:
         return outcome
     if plan is None:
@@ -229,7 +217,7 @@ def copy_image(
             result, downloaded = copy_plan(transport, copier, executor, src_pinned, dst, plan, progress, expect,
                                            use_cache=cache_single_target or len(pending) > 1)
         except RegistryError as exc:
-            _fail(outcome, dst, exc)
+            record_failure(outcome, dst, exc)
             continue
         outcome.destinations.append(result)
         outcome.bytes_uploaded += result.bytes_transferred
@@ -238,6 +226,26 @@ def copy_image(
     order = {str(d): i for i, d in enumerate(destinations)}
     outcome.destinations.sort(key=lambda r: order.get(r.destination, len(order)))
     return outcome
+
+
+def behind(outcome: CopyOutcome, destinations: Sequence[Reference],
+           heads: Sequence[Future[ManifestHead | None]], target: str) -> list[Reference]:
+    """The destinations whose HEAD did not find ``target``; the others go into ``outcome`` as up to
+    date, or failed when their HEAD failed."""
+    pending: list[Reference] = []
+    for dst, head in zip(destinations, heads, strict=True):
+        try:
+            dhead = head.result()
+        except RegistryError as exc:
+            record_failure(outcome, dst, exc)
+            continue
+        if dhead is not None and dhead.digest == target:
+            outcome.destinations.append(DestinationResult(
+                destination=str(dst), status="up_to_date", digest=target,
+                digest_changed=target != outcome.source_digest))
+        else:
+            pending.append(dst)
+    return pending
 
 
 def _resolve_source(transport: RegistryTransport, src: Reference) -> ManifestHead:
@@ -249,7 +257,7 @@ def _resolve_source(transport: RegistryTransport, src: Reference) -> ManifestHea
     return head
 
 
-def _fail(outcome: CopyOutcome, dst: Reference, exc: RegistryError) -> None:
+def record_failure(outcome: CopyOutcome, dst: Reference, exc: RegistryError) -> None:
     exc.with_reference(dst)
     outcome.failures[str(dst)] = exc
     outcome.destinations.append(DestinationResult(destination=str(dst), status="failed", error=exc.reason(dst)))

@@ -20,6 +20,7 @@ from workers.engine.cache import BlobCache
 from workers.engine.copy import CopyOutcome, copy_image
 from workers.engine.errors import DigestMismatch, NotFound, RegistryError
 from workers.engine.keychain import Keychain
+from workers.engine.plan import plan_copy
 from workers.engine.protocols import CleanupStats, Coordinator, NoObserver, Observer, ProgressFn
 from workers.engine.referrers import ReferrerCopier, carry_referrers
 from workers.engine.results import sync_result
@@ -122,8 +123,11 @@ class RegistryEngine:
         except ValueError as exc:
             return sync_result(job, self.name, failures=[exc])
         try:
-            outcome = self._copy_via_mirrors(src, dsts, platforms, progress, expect,
-                                             referrers=self.options.referrers and job.referrers)
+            if job.dry_run:
+                outcome = plan_copy(self.transport, self._executor, src, dsts, platforms=platforms)
+            else:
+                outcome = self._copy_via_mirrors(src, dsts, platforms, progress, expect,
+                                                 referrers=self.options.referrers and job.referrers)
         except RegistryError as exc:
             exc.with_reference(src)
             log.debug("sync of %s failed: %s", src, exc)  # the task layer logs the outcome once

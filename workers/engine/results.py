@@ -45,12 +45,15 @@ def sync_result(
     warnings: Sequence[str] = (),
     local_refs: Sequence[str] = (),
 ) -> SyncResult:
-    """Failed when anything failed, up to date when every destination already was, else synced."""
+    """Failed when anything failed, up to date when every destination already was, else synced
+    (or, in a dry run, would copy)."""
     status: Status
     if failures:
         status = "failed"
     elif destinations and all(d.status == "up_to_date" for d in destinations):
         status = "up_to_date"
+    elif job.dry_run:
+        status = "would_copy"  # a plan: nothing was written
     else:
         status = "synced"
     return SyncResult(
