@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from config.expansion import ExpandJob, ExpandResult, PruneResult
 from config.jobs import CleanupResult, DestinationResult, SyncJob, SyncResult, TaskState
 from config.reference import name_of
 
@@ -69,6 +70,15 @@ def sync_task_args(job: SyncJob) -> str:
     return f"[{job.source} -> {', '.join(job.destinations)}]"
 
 
+def expand_task_name(source: str) -> str:
+    return f"expand {source}"
+
+
+def expand_task_args(job: ExpandJob) -> str:
+    """A selector line as Flower shows it: the options, the repository and where its tags go."""
+    return f"[{job.selector.describe()} {job.source} -> {', '.join(job.destinations)}]"
+
+
 def cleanup_task_name(node: str, why: str) -> str:
     """``why``: ``after sync <image>``, ``periodic`` or ``disk low``."""
     return f"cleanup {node} {why}"
@@ -100,6 +110,9 @@ def result_summary(r: SyncResult) -> str:
     """``synced · 12.6 MB · 6 blobs copied, 2 mounted · 2.4 s`` / ``up to date`` / ``failed: …``."""
     if r.status == "up_to_date":
         return "up to date"
+    if r.status == "would_copy":
+        blobs = sum(d.blobs_copied for d in r.destinations)
+        return f"would copy ({blobs} blob{'s' if blobs != 1 else ''}, {human_bytes(r.bytes_transferred)})"
     if r.status == "failed":
         return f"failed: {failure_text(r)}"
     parts = ["synced", human_bytes(r.bytes_transferred), _blob_counts(r.destinations), human_seconds(r.duration_s)]
@@ -116,14 +129,47 @@ def image_line(verb: str, line: int, source: str, reason: str, note: str = "") -
     return f"{head}: {reason}" if names_image(reason, source) else f"{head}: {source}: {reason}"
 
 
-def failure_line(r: SyncResult) -> str:
-    """One line per failed image; a destination's failure reads ``source → destination: reason``."""
+def failure_line(r: SyncResult, verb: str = "failed") -> str:
+    """One line per failed image; a destination's failure reads ``source → destination: reason``.
+    A dry run's ``verb`` is ``would fail``."""
     note = f"after {r.attempts} attempts" if r.attempts > 1 else ""
     failed = [d for d in r.destinations if d.status == "failed"]
     if failed:
         to = "; ".join(f"{d.destination}: {d.error}" for d in failed)
-        return f"{_head('failed', r.line, note)}: {r.source} → {to}"
-    return image_line("failed", r.line, r.source, failure_text(r), note)
+        return f"{_head(verb, r.line, note)}: {r.source} → {to}"
+    return image_line(verb, r.line, r.source, failure_text(r), note)
+
+
+def plan_line(r: SyncResult, destinations: list[str]) -> str:
+    """A dry run's verdict on one image: ``line 4: src -> dst: would copy (2 blobs, 1.2 KB)``."""
+    verdict = f"would fail: {failure_text(r)}" if r.status == "failed" else result_summary(r)
+    return f"line {r.line}: {r.source} -> {', '.join(destinations)}: {verdict}"
+
+
+# -- selector lines ------------------------------------------------------------------------------
+
+def expansion_summary(e: ExpandResult) -> str:
+    """``4 of 31 tags selected: v1.30.2, v1.30.1, …`` / ``listing tags failed: …``."""
+    if e.status == "failed":
+        return f"listing tags failed: {e.error or 'unknown error'}"
+    shown = ", ".join(e.selected[:8]) + (", ..." if len(e.selected) > 8 else "")
+    return f"{len(e.selected)} of {e.listed} tags selected" + (f": {shown}" if shown else "")
+
+
+def expansion_line(e: ExpandResult) -> str:
+    """``expanded line 3: registry/repo: 4 of 31 tags selected: …`` / ``failed line 3: …``."""
+    return image_line("failed" if e.status == "failed" else "expanded", e.line, e.source, expansion_summary(e))
+
+
+def prune_lines(p: PruneResult, line: int, *, dry_run: bool) -> list[tuple[bool, str]]:
+    """(whether it is a problem, text) for one destination repository a selector line pruned."""
+    gone = p.would_delete if dry_run else p.deleted
+    verb = "would delete" if dry_run else "deleted"
+    lines = [(False, f"prune line {line}: {p.repository}: {verb} {len(gone)} tag(s)"
+                     + (f": {', '.join(gone)}" if gone else ""))]
+    lines += [(False, f"prune line {line}: {p.repository}: {p.note}")] if p.note else []
+    lines += [(True, f"prune line {line}: {p.repository}: kept {tag}: {why}") for tag, why in p.failed.items()]
+    return lines
 
 
 def retry_line(line: int, source: str, state: TaskState, now: float, *, at: bool = False) -> str:

@@ -95,6 +95,8 @@ class FerrySettings(BaseSettings):
     # requests at once (0 or 1: one stream per blob).
     range_parallel: NonNegativeInt = defaults.RANGE_PARALLEL
     range_threshold: ByteSize = ByteSize(defaults.RANGE_THRESHOLD)
+    # Tags asked for per page when a selector line lists a repository (registries may cap it lower).
+    tag_page_size: PositiveInt = 100
     visibility_timeout: PositiveInt = 7200
     # Per registry request: seconds to connect, and seconds without a byte before a read is a stall.
     connect_timeout: PositiveFloat = defaults.CONNECT_TIMEOUT

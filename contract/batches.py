@@ -6,11 +6,12 @@ layout is in ``contract.keys``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
-from config.jobs import BatchMeta, CleanupResult, SyncResult, TaskState
+from config.expansion import ExpandResult
+from config.jobs import BatchMeta, CleanupResult, SyncJob, SyncResult, TaskState
 from contract import keys
 from contract.redis_client import redis_client
 
@@ -34,11 +35,24 @@ class BatchSnapshot:
     cleanups: dict[str, CleanupResult]
     history: dict[str, SyncResult]
     expected: dict[str, int]
+    added: dict[str, SyncJob] = field(default_factory=dict)
+    expansions: dict[str, ExpandResult] = field(default_factory=dict)
+
+    @property
+    def jobs(self) -> list[tuple[str, SyncJob]]:
+        """Every current sync task of the batch: the listed ones, then those expansions added, by line."""
+        grown = sorted(self.added.items(), key=lambda kv: (kv[1].line, kv[1].source))
+        return [*zip(self.meta.task_ids, self.meta.jobs, strict=True), *grown]
+
+    @property
+    def expanding(self) -> int:
+        """Expansion tasks still to report."""
+        return sum(e not in self.expansions for e in self.meta.expansion_ids)
 
     @property
     def done(self) -> bool:
         # By id, not by count: a stray duplicate under a foreign task id must not end the batch early.
-        return all(t in self.results for t in self.meta.task_ids)
+        return self.expanding == 0 and all(t in self.results for t, _ in self.jobs)
 
     def done_among(self, task_ids: list[str]) -> bool:
         return all(t in self.results for t in task_ids)
@@ -53,6 +67,9 @@ class Tally:
     moved: dict[str, int]
     expected: dict[str, int]
     states: dict[str, TaskState]
+    # Expansions reported and jobs they added: the batch grows while these change.
+    expanded: int = 0
+    added: int = 0
 
 
 class BatchStore:
@@ -87,6 +104,49 @@ class BatchStore:
                 p.expire(keys.batch(b, "history"), self.ttl)
                 for part in ("results", "progress", "expected", "state"):
                     p.hdel(keys.batch(b, part), *old)
+            p.execute()
+
+    def replace_added(self, batch_id: str, replaced: dict[str, tuple[str, SyncJob]]) -> None:
+        """Old task id -> (new id, job) for expansion-added jobs ``producer retry`` sends again."""
+        if not replaced:
+            return
+        key = keys.batch(batch_id, "added")
+        with self.r.pipeline() as p:
+            p.hdel(key, *replaced)
+            p.hset(key, mapping={new: job.model_dump_json() for new, job in replaced.values()})
+            p.expire(key, self.ttl)
+            p.execute()
+
+    def reset_expansions(self, batch_id: str, expansion_ids: list[str]) -> None:
+        """Forget the outcomes of expansions about to run again (``producer retry``)."""
+        if expansion_ids:
+            with self.r.pipeline() as p:
+                p.hdel(keys.batch(batch_id, "expanded"), *expansion_ids)
+                p.hdel(keys.batch(batch_id, "state"), *expansion_ids)
+                p.execute()
+
+    def add_jobs(self, batch_id: str, jobs: list[tuple[str, SyncJob]]) -> list[tuple[str, SyncJob]]:
+        """Add an expansion's jobs to the batch; returns those it should publish: new ones, and its
+        own from an earlier delivery (which may have died before publishing). A task another line
+        added first is that line's to publish."""
+        if not jobs:
+            return []
+        key = keys.batch(batch_id, "added")
+        with self.r.pipeline() as p:
+            for task_id, job in jobs:
+                p.hsetnx(key, task_id, job.model_dump_json())
+            p.expire(key, self.ttl)
+            fresh = p.execute()[:-1]
+        taken = [tid for (tid, _), new in zip(jobs, fresh, strict=True) if not new]
+        owners = dict(zip(taken, self.r.hmget(key, taken), strict=True)) if taken else {}
+        return [(tid, job) for (tid, job), new in zip(jobs, fresh, strict=True)
+                if new or _line_of(owners.get(tid)) == job.line]
+
+    def record_expansion(self, result: ExpandResult) -> None:
+        with self.r.pipeline() as p:
+            p.hset(keys.batch(result.batch_id, "expanded"), result.task_id, result.model_dump_json())
+            p.expire(keys.batch(result.batch_id, "expanded"), self.ttl)
+            p.hdel(keys.batch(result.batch_id, "state"), result.task_id)
             p.execute()
 
     def meta(self, batch_id: str) -> BatchMeta | None:
@@ -129,9 +189,9 @@ class BatchStore:
         if meta is None:
             return None
         with self.r.pipeline() as p:
-            for part in ("results", "progress", "state", "cleanups", "history", "expected"):
+            for part in ("results", "progress", "state", "cleanups", "history", "expected", "added", "expanded"):
                 p.hgetall(keys.batch(batch_id, part))
-            results, progress, states, cleanups, history, expected = p.execute()
+            results, progress, states, cleanups, history, expected, added, expanded = p.execute()
         return BatchSnapshot(
             meta=meta,
             results={k.decode(): SyncResult.model_validate_json(v) for k, v in results.items()},
@@ -140,6 +200,8 @@ class BatchStore:
             cleanups={k.decode(): CleanupResult.model_validate_json(v) for k, v in cleanups.items()},
             history={k.decode(): SyncResult.model_validate_json(v) for k, v in history.items()},
             expected=_ints(expected),
+            added={k.decode(): SyncJob.model_validate_json(v) for k, v in added.items()},
+            expansions={k.decode(): ExpandResult.model_validate_json(v) for k, v in expanded.items()},
         )
 
     def tally(self, batch_id: str) -> Tally:
@@ -149,9 +211,12 @@ class BatchStore:
             p.hgetall(keys.batch(batch_id, "progress"))
             p.hgetall(keys.batch(batch_id, "expected"))
             p.hgetall(keys.batch(batch_id, "state"))
-            count, moved, expected, states = p.execute()
+            p.hlen(keys.batch(batch_id, "expanded"))
+            p.hlen(keys.batch(batch_id, "added"))
+            count, moved, expected, states, expanded, added = p.execute()
         return Tally(int(count), _ints(moved), _ints(expected),
-                     {k.decode(): TaskState.model_validate_json(v) for k, v in states.items()})
+                     {k.decode(): TaskState.model_validate_json(v) for k, v in states.items()}, int(expanded),
+                     int(added))
 
     def recent(self, limit: int = 20) -> list[str]:
         return [b.decode() for b in self.r.zrevrange(keys.BATCH_INDEX, 0, limit - 1)]
@@ -169,3 +234,7 @@ class BatchStore:
 
 def _ints(raw: dict[bytes, bytes]) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in raw.items()}
+
+
+def _line_of(raw: bytes | None) -> int | None:
+    return SyncJob.model_validate_json(raw).line if raw else None

@@ -13,6 +13,8 @@ from config.settings import FerrySettings
 SYNC_QUEUE = "ferry"
 SYNC_TASK = "ferry.sync_image"
 CLEANUP_TASK = "ferry.cleanup"
+# A selector line: list a repository's tags and add one sync task per selected tag to the batch.
+EXPAND_TASK = "ferry.expand_repository"
 # Runs of schedules, sent by beat; every worker consumes this queue beside the shared one.
 SCHEDULE_QUEUE = "ferry.schedules"
 SCHEDULE_TASK = "ferry.schedule"

@@ -12,12 +12,16 @@ from celery import Task
 from celery.exceptions import Retry
 
 from config import describe
+from config.expansion import ExpandJob, ExpandResult
 from config.jobs import SyncJob, SyncResult, TaskState
 from config.schedules import ScheduleFiring
 from contract.batches import BatchStore
-from contract.broker import CLEANUP_TASK, SCHEDULE_TASK, SYNC_TASK, node_queue
+from contract.broker import CLEANUP_TASK, EXPAND_TASK, SCHEDULE_TASK, SYNC_TASK, node_queue
+from contract.dispatch import publish
 from workers import runtime
 from workers.app import app
+from workers.engine.registry import RegistryEngine
+from workers.expand import expand
 from workers.schedules import fire
 
 log = logging.getLogger("ferry.tasks")
@@ -106,7 +110,8 @@ def sync_image(self: Task, job: dict[str, Any], first_started_at: float | None =
     crash: Exception | None = None
     try:
         with metrics.in_flight():
-            result = runtime.engine(j.engine).sync(j, progress, expect=progress.expect)
+            # A dry run only reads registries, which the registry engine does for either engine.
+            result = runtime.engine("registry" if j.dry_run else j.engine).sync(j, progress, expect=progress.expect)
     except Exception as e:  # a bug must still end the image, not hang the batch
         crash = e
         result = SyncResult(batch_id=j.batch_id, source=j.source, status="failed",
@@ -153,6 +158,49 @@ def _chain_cleanup(job: SyncJob, task_id: str, node: str, remove: list[str]) -> 
     except Exception as e:
         log.warning("cleanup after %s not queued: %s", task_id, e)
         return None
+
+
+class ExpansionFailed(ImageSyncFailed):
+    """A selector line whose repository could not be listed, for a reason a person can act on."""
+
+
+@app.task(name=EXPAND_TASK, bind=True, base=SyncTask, acks_late=True, max_retries=None)
+def expand_repository(self: Task, job: dict[str, Any]) -> dict[str, Any]:
+    """List a selector line's repository on this worker and add one sync task per selected tag."""
+    j = ExpandJob.model_validate(job)
+    s = runtime.settings()
+    store = runtime.store()
+    task_id = self.request.id or ""
+    attempt, runs = self.request.retries, s.task_max_retries + 1
+    store.record_state(j.batch_id, task_id, TaskState(phase="running", node=s.node, attempt=attempt + 1,
+                                                      attempts=runs))
+    try:
+        engine = runtime.engine("registry")
+        assert isinstance(engine, RegistryEngine)
+        result = expand(j, task_id, engine, store, lambda tasks: publish(app, tasks), page_size=s.tag_page_size)
+    except Exception as e:  # a bug must still end the line, not leave the batch expanding forever
+        store.record_expansion(ExpandResult(batch_id=j.batch_id, task_id=task_id, source=j.source, line=j.line,
+                                            status="failed", error=f"internal error: {type(e).__name__}: {e}",
+                                            error_code="INTERNAL", node=s.node))
+        raise  # Celery logs it with its traceback
+    result = result.model_copy(update={"node": s.node})
+    if result.status == "failed" and result.temporary and attempt < s.task_max_retries:
+        countdown = retry_delay(attempt, s.task_retry_delay)
+        store.record_state(j.batch_id, task_id, TaskState(
+            phase="retrying", node=s.node, attempt=attempt + 2, attempts=runs, retry_at=time.time() + countdown,
+            reason=result.error))
+        try:
+            raise self.retry(countdown=countdown, max_retries=s.task_max_retries,
+                             argsrepr=describe.expand_task_args(j), kwargsrepr="{}")
+        except Retry:
+            raise
+        except Exception as e:  # the retry could not be queued: end the line rather than lose it
+            log.warning("retry of %s not queued: %s", j.source, e)
+    store.record_expansion(result)
+    if result.status == "failed":
+        raise ExpansionFailed(result.error or "listing tags failed")
+    return {"summary": describe.expansion_summary(result), "source": result.source, "line": result.line,
+            "selected": result.selected, "node": result.node, "batch": result.batch_id}
 
 
 @app.task(name=CLEANUP_TASK, bind=True, acks_late=True)
