@@ -26,6 +26,8 @@ class ExpandJob(BaseModel):
     platforms: list[str] = Field(default_factory=list)
     engine: Literal["registry", "docker"] = "registry"
     line: int = 0
+    # Whether each selected image's signatures, attestations and SBOMs go along.
+    referrers: bool = True
     dry_run: bool = False
     prune: bool = False
     # Per destination repository: tags that plain lines of the same list put there (never pruned).

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from config import describe
+from config.jobs import SyncJob
 from config.reference import InvalidReference
 from config.settings import FerrySettings, describe_validation_error
 from producer.listfile import ListFileError
@@ -45,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m producer", description="Mirror a list of container images.")
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("enqueue", help="enqueue one sync task per image of LIST")
-    e.add_argument("list", help="image list file (one image per line)")
+    e.add_argument("list", help="image list file (one image per line), or a skopeo sync YAML file (.yaml/.yml)")
     e.add_argument("--target", action="append", default=[],
                    help="destination REGISTRY[/NAMESPACE]; repeat for several (FERRY_TARGETS)")
     e.add_argument("--flatten", action="store_true", help="map to TARGET/NAMESPACE/<last path element>")
@@ -53,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--wait", action="store_true", help="show progress and a summary; exit 1 if any failed")
     e.add_argument("--json", metavar="FILE", help="write the final report as JSON (with --wait)")
     e.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    e.add_argument("--dry-run", action="store_true",
+                   help="check every image (HEADs and manifest reads) and report what would happen; write nothing")
+    e.add_argument("--prune", action="store_true",
+                   help="delete tags a selector line no longer selects from the repositories it fills")
     for name, help_ in (("status", "progress of a batch"), ("report", "results of a batch")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("batch")
@@ -107,8 +112,9 @@ def cmd_enqueue(args: argparse.Namespace, settings: FerrySettings, out: Console,
     targets_raw = args.target or settings.targets
     batch_id = new_batch_id()
     try:
-        jobs, warnings = plan_batch(batch_id, data, targets_raw, flatten=args.flatten, engine=settings.engine,
-                                    referrers=settings.referrers)
+        jobs, expansions, warnings = plan_batch(
+            batch_id, data, targets_raw, flatten=args.flatten, engine=settings.engine, referrers=settings.referrers,
+            list_file=args.list, dry_run=args.dry_run, prune=args.prune)
     except ListFileError as e:
         for le in e.errors:
             err.print(f"[red]{escape(args.list)}:{le.line}:[/] {escape(le.reason)}: {escape(le.text)}", soft_wrap=True)
@@ -124,8 +130,11 @@ def cmd_enqueue(args: argparse.Namespace, settings: FerrySettings, out: Console,
     with _broker(settings, err) as settings:
         app, store = _connect(settings)
         try:
-            meta = enqueue(app, store, batch_id, args.list, targets_raw, jobs)
-            err.print(f"batch [bold]{batch_id}[/]: {len(jobs)} image(s) enqueued", soft_wrap=True)
+            meta = enqueue(app, store, batch_id, args.list, targets_raw, jobs, expansions, dry_run=args.dry_run,
+                           prune=args.prune)
+            grows = f" and {len(expansions)} selector line(s) to expand" if expansions else ""
+            what = "dry run: " if args.dry_run else ""
+            err.print(f"batch [bold]{batch_id}[/]: {what}{len(jobs)} image(s){grows} enqueued", soft_wrap=True)
             if not args.wait:
                 out.print(batch_id)
                 return 0
@@ -190,14 +199,14 @@ def _wait_and_report(store: BatchStore, meta: BatchMeta, args: argparse.Namespac
     ``cleanups``, wait for the cleanups their results name too."""
     from producer.progress import wait_for_batch, wait_for_cleanups
 
-    watch = task_ids or meta.task_ids
     started = time.monotonic()
-    snap = wait_for_batch(store, meta, err, task_ids=watch, timeout=args.timeout)
+    # The whole batch (task_ids None) grows while its selector lines are expanded.
+    snap = wait_for_batch(store, meta, err, task_ids=task_ids, timeout=args.timeout)
     elapsed = time.monotonic() - started
     if cleanups:
         left = None if args.timeout is None else max(0.0, args.timeout - elapsed)
         snap = wait_for_cleanups(store, snap, err, timeout=left)
-    summary = summarize(snap, task_ids=watch, elapsed=elapsed)
+    summary = summarize(snap, task_ids=task_ids, elapsed=elapsed)
     # Each failure was printed as it happened: the summary counts them without repeating the reasons.
     render(out, snap, summary, title=title, failures_shown=True)
     if task_ids is not None:
@@ -242,8 +251,13 @@ def cmd_status(args: argparse.Namespace, settings: FerrySettings, out: Console, 
     store.close()
     summary = summarize(snap)
     meta = snap.meta
-    jobs = dict(zip(meta.task_ids, meta.jobs, strict=True))
-    unfinished = [t for t in meta.task_ids if t not in snap.results]
+    jobs = dict(snap.jobs)
+    for e, ej in zip(meta.expansion_ids, meta.expansions, strict=True):
+        # A selector line being listed shows as its repository, like an image.
+        jobs[e] = SyncJob(batch_id=ej.batch_id, source=f"{ej.source} (listing tags)", destinations=ej.destinations,
+                          line=ej.line)
+    unfinished = [t for t, _ in snap.jobs if t not in snap.results]
+    unfinished += [e for e in meta.expansion_ids if e not in snap.expansions]
     running = [t for t in unfinished if t in snap.states and snap.states[t].phase == "running"]
     retrying = [t for t in unfinished if t in snap.states and snap.states[t].phase == "retrying"]
     queued = len(unfinished) - len(running) - len(retrying)
@@ -252,7 +266,7 @@ def cmd_status(args: argparse.Namespace, settings: FerrySettings, out: Console, 
         _write_json(args.json, {
             "batch_id": meta.batch_id, "total": summary.total, "done": summary.total - summary.pending,
             "synced": summary.synced, "up_to_date": summary.up_to_date, "failed": summary.failed,
-            "running": len(running), "retrying": len(retrying),
+            "running": len(running), "retrying": len(retrying), "expanding": summary.expanding,
             "queued": queued, "bytes_moved": moved,
             "cleanups_done": summary.cleanups_done, "cleanups_expected": summary.cleanups_expected,
             "freed_bytes": summary.freed_bytes,
@@ -267,6 +281,7 @@ def cmd_status(args: argparse.Namespace, settings: FerrySettings, out: Console, 
     parts += [f"{len(running)} running"] if running else []
     parts += [f"{len(retrying)} retrying"] if retrying else []
     parts += [f"{queued} queued"] if queued else []
+    parts += [f"{summary.expanding} selector line(s) listing tags"] if summary.expanding else []
     parts += [f"{describe.human_bytes(moved)} moved"]
     # Cleanups land after their syncs: shown as they do.
     parts += [f"{summary.cleanups_done} of {summary.cleanups_expected} cleanups done, "
@@ -302,28 +317,45 @@ def cmd_retry(args: argparse.Namespace, settings: FerrySettings, out: Console, e
     """Send the failed images again under new task ids: the failed attempts stay in Flower's history
     and in the batch's, and the new run's figures are its own."""
     from config.jobs import RetryRound
-    from producer.enqueue import publish, task_id_for
+    from contract.dispatch import publish, publish_expansions, task_id_for
 
     app, store, snap = _snapshot(settings, args.batch)
     try:
         meta = snap.meta
-        failed = [i for i, t in enumerate(meta.task_ids) if t in snap.results and snap.results[t].status == "failed"]
-        if not failed:
+
+        def failed_(t: str) -> bool:
+            return t in snap.results and snap.results[t].status == "failed"
+
+        failed = [i for i, t in enumerate(meta.task_ids) if failed_(t)]
+        # Images selector lines added, and selector lines whose tags could not be listed.
+        added = [(t, j) for t, j in snap.added.items() if failed_(t)]
+        unlisted = [(e, j) for e, j in zip(meta.expansion_ids, meta.expansions, strict=True)
+                    if e in snap.expansions and snap.expansions[e].status == "failed"]
+        if not failed and not added and not unlisted:
             err.print(f"batch {args.batch}: no failed images to retry")
             return 0
         number = len(meta.rounds) + 1
         ids = list(meta.task_ids)
         for i in failed:
             ids[i] = task_id_for(meta.batch_id, meta.jobs[i], retry=number)
-        round_ = RetryRound(started_at=time.time(), replaced={ids[i]: meta.task_ids[i] for i in failed})
+        renamed = {t: (task_id_for(meta.batch_id, j, retry=number), j) for t, j in added}
+        replaced = {ids[i]: meta.task_ids[i] for i in failed} | {new: old for old, (new, _) in renamed.items()}
+        round_ = RetryRound(started_at=time.time(), replaced=replaced)
         new_meta = meta.model_copy(update={"task_ids": ids, "rounds": [*meta.rounds, round_]})
-        store.start_round(new_meta, [snap.results[meta.task_ids[i]] for i in failed])
-        publish(app, [(ids[i], meta.jobs[i]) for i in failed])
-        err.print(f"batch [bold]{args.batch}[/]: {len(failed)} failed image(s) enqueued again")
+        store.start_round(new_meta, [snap.results[old] for old in replaced.values()])
+        store.replace_added(meta.batch_id, renamed)
+        store.reset_expansions(meta.batch_id, [e for e, _ in unlisted])
+        publish_expansions(app, unlisted)
+        again = [(ids[i], meta.jobs[i]) for i in failed] + list(renamed.values())
+        publish(app, again)
+        lines = f" and {len(unlisted)} selector line(s)" if unlisted else ""
+        err.print(f"batch [bold]{args.batch}[/]: {len(again)} failed image(s){lines} enqueued again")
         if not args.wait:
             return 0
-        return _wait_and_report(store, new_meta, args, out, err, task_ids=[ids[i] for i in failed],
-                                title=f"batch {args.batch}: retry of {len(failed)} image(s)")
+        # Selector lines listed again add images of their own: then watch the whole batch.
+        return _wait_and_report(store, new_meta, args, out, err,
+                                task_ids=None if unlisted else [t for t, _ in again],
+                                title=f"batch {args.batch}: retry of {len(again)} image(s){lines}")
     finally:
         store.close()
 

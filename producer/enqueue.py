@@ -1,4 +1,4 @@
-"""Turn a validated list into one Celery task per image, recorded as a batch."""
+"""Turn a validated list into one Celery task per image (and one per selector line), recorded as a batch."""
 
 from __future__ import annotations
 
@@ -8,33 +8,32 @@ from collections.abc import Sequence
 
 from celery import Celery
 
-from config import describe
+from config.expansion import ExpandJob
 from config.jobs import BatchMeta, SyncJob
 from config.settings import EngineName, FerrySettings
 from contract.batches import BatchStore
-from contract.broker import SYNC_QUEUE, SYNC_TASK, celery_config
-from producer.listfile import parse_list
+from contract.broker import celery_config
+from contract.dispatch import expansion_id_for, publish, publish_expansions, task_id_for
+from producer.listfile import LineError, ListFileError, parse_list
 from producer.mapping import Mapped, Target, map_destinations
+from producer.skopeo_yaml import is_skopeo_yaml, parse_skopeo_yaml
 
-_TASK_NS = uuid.UUID("3b7c1f0e-9a52-4d8e-8f0a-6f1e2c9d4b10")
+__all__ = ["broker_app", "build_expansions", "build_jobs", "enqueue", "new_batch_id", "plan_batch", "publish",
+           "task_id_for"]
 
 
 def new_batch_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
-def task_id_for(batch_id: str, job: SyncJob, retry: int = 0) -> str:
-    """Deterministic per (batch, source, destinations, platforms) and ``producer retry`` round:
-    enqueueing twice is harmless, and a retry runs under an id of its own."""
-    key = "|".join([batch_id, job.source, ",".join(job.destinations), ",".join(job.platforms)])
-    return str(uuid.uuid5(_TASK_NS, key + (f"|retry{retry}" if retry else "")))
-
-
-def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: EngineName, *, referrers: bool = True) -> list[SyncJob]:
-    """One job per distinct copy: lines that spell the same copy differently share one task id,
-    and two jobs under one id would be counted twice in the report."""
+def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: EngineName, *, referrers: bool = True,
+               dry_run: bool = False) -> list[SyncJob]:
+    """One job per distinct copy of a plain line: lines that spell the same copy differently share
+    one task id, and two jobs under one id would be counted twice in the report."""
     jobs: dict[tuple[str, tuple[str, ...], tuple[str, ...]], SyncJob] = {}
     for m in mapped:
+        if m.entry.selector is not None:
+            continue
         job = SyncJob(
             batch_id=batch_id,
             source=str(m.entry.source),
@@ -43,6 +42,7 @@ def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: EngineName, *, r
             engine=engine,
             line=m.entry.line,
             referrers=referrers and m.entry.referrers,
+            dry_run=dry_run,
         )
         jobs.setdefault((job.source, tuple(job.destinations), tuple(job.platforms)), job)
     return list(jobs.values())
@@ -55,42 +55,65 @@ def broker_app(settings: FerrySettings) -> Celery:
     return app
 
 
+def build_expansions(batch_id: str, mapped: Sequence[Mapped], engine: EngineName, *, referrers: bool = True,
+                     dry_run: bool = False, prune: bool = False) -> list[ExpandJob]:
+    """One expansion per selector line. With ``prune``, a destination repository may be filled by one
+    selector line only (each line knows only what it selects); raises ListFileError otherwise."""
+    fixed: dict[str, set[str]] = {}
+    for m in mapped:
+        if m.entry.selector is None:
+            for d in m.destinations:
+                if d.tag is not None:
+                    fixed.setdefault(d.name, set()).add(d.tag)
+    expansions: list[ExpandJob] = []
+    filled_by: dict[str, Mapped] = {}
+    errors: list[LineError] = []
+    for m in mapped:
+        selector = m.entry.selector
+        if selector is None:
+            continue
+        repos = [d.name for d in m.destinations]
+        for repo in repos:
+            first = filled_by.setdefault(repo, m)
+            if prune and first is not m:
+                errors.append(LineError(m.entry.line, m.entry.text,
+                                        f"with --prune each destination repository takes one selector line, and "
+                                        f"{repo} is also filled by line {first.entry.line}; combine the two lines"))
+        expansions.append(ExpandJob(
+            batch_id=batch_id, source=m.entry.source.name, destinations=repos, selector=selector,
+            platforms=[str(p) for p in m.entry.platforms], engine=engine, line=m.entry.line,
+            referrers=referrers and m.entry.referrers, dry_run=dry_run, prune=prune,
+            keep={r: sorted(fixed[r]) for r in repos if r in fixed}))
+    if errors:
+        raise ListFileError(errors)
+    return expansions
+
+
 def plan_batch(batch_id: str, data: bytes, targets: Sequence[str], *, flatten: bool, engine: EngineName,
-               referrers: bool = True) -> tuple[list[SyncJob], list[str]]:
-    """A list's bytes to the jobs of one batch, and the list's warnings: the one path from a list
-    to a batch, for ``producer enqueue`` and for scheduled runs alike. Raises ListFileError naming
-    every bad line, or InvalidReference for a bad target."""
-    parsed = parse_list(data)
+               referrers: bool = True, list_file: str = "", dry_run: bool = False,
+               prune: bool = False) -> tuple[list[SyncJob], list[ExpandJob], list[str]]:
+    """A list's bytes to the jobs and selector-line expansions of one batch, and the list's warnings:
+    the one path from a list to a batch, for ``producer enqueue`` and for scheduled runs alike. A
+    ``list_file`` named ``*.yaml``/``*.yml`` is read as a skopeo sync YAML. Raises ListFileError
+    naming every bad line, or InvalidReference for a bad target."""
+    parsed = parse_skopeo_yaml(data) if is_skopeo_yaml(list_file) else parse_list(data)
     parsed_targets = [Target.parse(t) for t in targets]
     mapped = map_destinations(parsed.entries, parsed_targets, flatten=flatten)
-    return build_jobs(batch_id, mapped, engine, referrers=referrers), parsed.warnings
+    expansions = build_expansions(batch_id, mapped, engine, referrers=referrers, dry_run=dry_run, prune=prune)
+    return build_jobs(batch_id, mapped, engine, referrers=referrers, dry_run=dry_run), expansions, parsed.warnings
 
 
 def enqueue(app: Celery, store: BatchStore, batch_id: str, list_file: str, targets: list[str],
-            jobs: list[SyncJob]) -> BatchMeta:
+            jobs: list[SyncJob], expansions: Sequence[ExpandJob] = (), *, dry_run: bool = False,
+            prune: bool = False) -> BatchMeta:
     """Record the batch, then publish every task over one broker connection."""
     task_ids = [task_id_for(batch_id, j) for j in jobs]
+    expansion_ids = [expansion_id_for(batch_id, e) for e in expansions]
     meta = BatchMeta(batch_id=batch_id, created_at=time.time(), list_file=list_file, targets=targets,
-                     jobs=jobs, task_ids=task_ids)
+                     jobs=jobs, task_ids=task_ids, expansions=list(expansions), expansion_ids=expansion_ids,
+                     dry_run=dry_run, prune=prune)
     store.create(meta)
+    # Expansions first: listing tags takes a while, and their syncs queue behind the listed images.
+    publish_expansions(app, list(zip(expansion_ids, expansions, strict=True)))
     publish(app, list(zip(task_ids, jobs, strict=True)))
     return meta
-
-
-def publish(app: Celery, tasks: list[tuple[str, SyncJob]]) -> None:
-    """Send the tasks, each followed by the "task-sent" event Flower lists queued tasks from.
-
-    Celery's own sent event names the registered task (``ferry.sync_image``) and may reach Flower
-    after the worker's events, renaming the task there; this one carries the name people read.
-    """
-    with app.producer_or_acquire() as producer:
-        # Publishes through the tasks' own producer, as Celery does: no second connection.
-        events = app.events.Dispatcher(producer.connection, enabled=False)
-        for task_id, job in tasks:
-            name, args = describe.sync_task_name(job.source), describe.sync_task_args(job)
-            app.send_task(SYNC_TASK, args=[job.model_dump(mode="json")], task_id=task_id, queue=SYNC_QUEUE,
-                          producer=producer, argsrepr=args, shadow=name)
-            events.publish("task-sent", {
-                "uuid": task_id, "root_id": task_id, "parent_id": None, "name": name, "args": args,
-                "kwargs": "{}", "retries": 0, "eta": None, "expires": None, "queue": SYNC_QUEUE,
-                "exchange": "", "routing_key": SYNC_QUEUE}, producer)

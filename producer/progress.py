@@ -91,41 +91,52 @@ def _clock(seconds: float | None) -> str:
 
 def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task_ids: list[str] | None = None,
                    poll: float = 0.05, timeout: float | None = None) -> BatchSnapshot:
-    """Poll until every watched task (default: the batch's) has a final result, or ``timeout`` passes."""
+    """Poll until every watched task (default: the batch's, which grows as selector lines are
+    expanded) has a final result, or ``timeout`` passes."""
+    whole = task_ids is None
     watch = list(task_ids or meta.task_ids)
     lines = {t: j.line for t, j in zip(meta.task_ids, meta.jobs, strict=True)}
     sources = {t: j.source for t, j in zip(meta.task_ids, meta.jobs, strict=True)}
     started = time.monotonic()
     meter = Meter(started)
     told: set[tuple[str, int]] = set()  # failures (attempt 0) and retries already printed
+    failed_verb = "would fail" if meta.dry_run else "failed"
+    if whole and meta.expansion_ids:
+        n = len(meta.expansion_ids)
+        console.print(f"expanding {n} {'repository' if n == 1 else 'repositories'}…", highlight=False)
     columns = (TextColumn("[bold]images"), BarColumn(), TextColumn("{task.fields[figures]}"))
     with Progress(*columns, console=console, transient=False, refresh_per_second=4,
                   disable=not console.is_terminal) as bar:
         task = bar.add_task("images", total=1.0, figures="")
         snap: BatchSnapshot | None = None
-        seen_count = -1
+        seen: tuple[int, int, int] | None = None
         while True:
             tally = _tally(store, meta)
-            if tally is not None and tally.results != seen_count:  # read results only when one arrived
+            news = (tally.results, tally.expanded, tally.added) if tally is not None else None
+            if news is not None and news != seen:  # read results only when something arrived
                 snap = _snapshot(store, meta)
-                seen_count = tally.results if snap is not None else -1
+                seen = news if snap is not None else None
+                if snap is not None and whole:
+                    _grow(console, snap, watch, lines, sources, told)
             if tally is not None and snap is not None:
                 now = time.monotonic()
                 results = {t: snap.results[t] for t in watch if t in snap.results}
                 for t, r in results.items():
                     if r.status == "failed" and (t, 0) not in told:
                         told.add((t, 0))
-                        _say(console, "red", describe.failure_line(r))
+                        _say(console, "red", describe.failure_line(r, failed_verb), failed_verb)
                 retrying = {t: s for t, s in tally.states.items() if t in lines and t not in results
                             and s.phase == "retrying"}
                 for t, s in retrying.items():
                     if (t, s.attempt) not in told:
                         told.add((t, s.attempt))
-                        _say(console, "yellow", describe.retry_line(lines[t], sources[t], s, time.time()))
+                        text = describe.retry_line(lines[t], sources[t], s, time.time())
+                        _say(console, "yellow", text, "retrying")
                 vol = volume(watch, results, tally)
                 rate = meter.rate(now, vol.moved)
                 done, failed = len(results), sum(r.status == "failed" for r in results.values())
-                finished = done == len(watch)
+                # A batch whose selector lines are still being listed is not finished, even at 0/0.
+                finished = done == len(watch) and not (whole and snap.expanding)
                 # While running, the recent rate; at the end, the average (the recent one has decayed).
                 shown = describe.human_rate(vol.moved, now - started) if finished else \
                     f"{describe.human_bytes(rate)}/s"
@@ -133,10 +144,10 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task
                 figures += [f"[red]{failed} failed[/]"] if failed else []
                 figures += [f"[yellow]{len(retrying)} retrying[/]"] if retrying else []
                 figures += [_clock(now - started), f"eta {_clock(meter.eta(now, vol, rate, done, len(watch)))}"]
-                share = vol.moved / vol.total if vol.total else done / len(watch)
+                share = vol.moved / vol.total if vol.total else done / max(1, len(watch))
                 bar.update(task, completed=1.0 if finished else min(1.0, share),
                            figures="  ".join(figures))
-                if snap.done_among(watch):
+                if finished:
                     return snap
             if timeout is not None and time.monotonic() - started > timeout:
                 if snap is None:
@@ -145,9 +156,28 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task
             time.sleep(poll)
 
 
-def _say(console: Console, colour: str, text: str) -> None:
-    verb, _, rest = text.partition(" ")
-    console.print(f"[{colour}]{verb}[/] {escape(rest)}", highlight=False, soft_wrap=True)
+def _grow(console: Console, snap: BatchSnapshot, watch: list[str], lines: dict[str, int], sources: dict[str, str],
+          told: set[tuple[str, int]]) -> None:
+    """Watch the jobs expansions added, and say what each expansion found, once."""
+    for t, j in snap.jobs:
+        if t not in lines:
+            watch.append(t)
+            lines[t], sources[t] = j.line, j.source
+    for eid, e in snap.expansions.items():
+        if (eid, 0) in told:
+            continue
+        told.add((eid, 0))
+        if e.status == "failed":
+            _say(console, "red", describe.expansion_line(e), "failed")
+        else:
+            more = f", {snap.expanding} repositories still expanding" if snap.expanding else ""
+            console.print(escape(f"{describe.expansion_line(e)}; batch now {len(snap.jobs)} image(s){more}"),
+                          highlight=False, soft_wrap=True)
+
+
+def _say(console: Console, colour: str, text: str, verb: str) -> None:
+    rest = text.removeprefix(verb)
+    console.print(f"[{colour}]{verb}[/]{escape(rest)}", highlight=False, soft_wrap=True)
 
 
 def _tally(store: BatchStore, meta: BatchMeta) -> Tally | None:

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from config import describe
+from config.expansion import ExpandResult
 from config.jobs import SyncResult
 from contract.batches import BatchSnapshot
 
@@ -39,10 +40,22 @@ class Summary:
     # Cleanups the results name (each sync's chained one), and how many of them have reported.
     cleanups_expected: int = 0
     cleanups_done: int = 0
+    would_copy: int = 0
+    # Selector lines (whole batch only): what each found, which could not be listed, what pruning did.
+    expansions: list[ExpandResult] = field(default_factory=list)
+    expansion_failures: list[ExpandResult] = field(default_factory=list)
+    pruning: list[tuple[bool, str]] = field(default_factory=list)
+    # Selector lines whose tags are still being listed: their images are not counted yet.
+    expanding: int = 0
+
+    @property
+    def prune_failures(self) -> int:
+        return sum(problem for problem, _ in self.pruning)
 
     @property
     def exit_code(self) -> int:
-        return OK if self.failed == 0 and self.pending == 0 else FAILED
+        clean = self.failed == 0 and self.pending == 0 and self.expanding == 0 and self.prune_failures == 0
+        return OK if clean else FAILED
 
     @property
     def rate(self) -> float:
@@ -59,7 +72,7 @@ def expected_cleanups(snap: BatchSnapshot, task_ids: list[str] | None = None) ->
 def summarize(snap: BatchSnapshot, task_ids: list[str] | None = None, elapsed: float | None = None) -> Summary:
     """The watched tasks (``task_ids``, over ``elapsed`` seconds), or with neither the whole batch."""
     whole = task_ids is None and elapsed is None
-    ids = snap.meta.task_ids if task_ids is None else task_ids
+    ids = [t for t, _ in snap.jobs] if task_ids is None else task_ids
     s = Summary(total=len(ids))
     for tid in ids:
         r = snap.results.get(tid)
@@ -71,6 +84,8 @@ def summarize(snap: BatchSnapshot, task_ids: list[str] | None = None, elapsed: f
             s.synced += 1
         elif r.status == "up_to_date":
             s.up_to_date += 1
+        elif r.status == "would_copy":
+            s.would_copy += 1
         else:
             s.failed += 1
             s.failures.append(r)
@@ -78,6 +93,8 @@ def summarize(snap: BatchSnapshot, task_ids: list[str] | None = None, elapsed: f
     s.freed_bytes = sum(c.freed_bytes for c in snap.cleanups.values())
     expected = expected_cleanups(snap, ids)
     s.cleanups_expected, s.cleanups_done = len(expected), len(expected & snap.cleanups.keys())
+    if task_ids is None:
+        _selector_lines(snap, s)
     if whole:
         done = [*snap.results.values(), *snap.history.values()]
         s.bytes += sum(r.bytes_transferred for r in snap.history.values())
@@ -86,6 +103,21 @@ def summarize(snap: BatchSnapshot, task_ids: list[str] | None = None, elapsed: f
     else:
         s.elapsed = elapsed or 0.0
     return s
+
+
+def _selector_lines(snap: BatchSnapshot, s: Summary) -> None:
+    s.expanding = snap.expanding
+    for eid in snap.meta.expansion_ids:
+        e = snap.expansions.get(eid)
+        if e is None:
+            continue
+        if e.status == "failed":
+            s.failed += 1
+            s.expansion_failures.append(e)
+            continue
+        s.expansions.append(e)
+        for p in e.pruned:
+            s.pruning += describe.prune_lines(p, e.line, dry_run=snap.meta.dry_run)
 
 
 def active_seconds(results: list[SyncResult]) -> float:
@@ -114,31 +146,56 @@ def render(console: Console, snap: BatchSnapshot, summary: Summary, *, details: 
     table = Table(show_header=True, header_style="bold")
     table.add_column("result")
     table.add_column("images", justify="right")
-    table.add_row("[green]synced[/]", str(summary.synced))
+    dry = snap.meta.dry_run
+    table.add_row("[green]would copy[/]" if dry else "[green]synced[/]", str(summary.would_copy if dry else
+                                                                         summary.synced))
     table.add_row("[cyan]already up to date[/]", str(summary.up_to_date))
-    table.add_row("[red]failed[/]", str(summary.failed))
+    table.add_row("[red]would fail[/]" if dry else "[red]failed[/]", str(summary.failed))
     if summary.pending:
         table.add_row("[yellow]not finished[/]", str(summary.pending))
-    table.add_row("bytes transferred", describe.human_bytes(summary.bytes))
+    if summary.expanding:
+        table.add_row("[yellow]selector lines still listing tags[/]", str(summary.expanding))
+    table.add_row("bytes to copy" if dry else "bytes transferred", describe.human_bytes(summary.bytes))
     if summary.wall is None:
         table.add_row("time", describe.human_seconds(summary.elapsed))
     else:
         table.add_row("active time", describe.human_seconds(summary.elapsed))
         table.add_row("wall time", describe.human_seconds(summary.wall))
-    table.add_row("average rate", describe.human_rate(summary.bytes, summary.elapsed))
+    if not dry:  # a plan moves nothing
+        table.add_row("average rate", describe.human_rate(summary.bytes, summary.elapsed))
     all_in = summary.cleanups_expected > 0 and summary.cleanups_done >= summary.cleanups_expected
     if summary.freed_bytes or all_in:  # nothing freed yet by cleanups still to come: no row
         so_far = "" if all_in or not summary.cleanups_expected else \
             f" ({summary.cleanups_done} of {summary.cleanups_expected} cleanups so far)"
         table.add_row("freed by cleanup", describe.human_bytes(summary.freed_bytes) + so_far)
     console.print(table)
+    for e in summary.expansions:
+        _say(console, "", describe.expansion_line(e), "expanded")
     if details:
         console.print(_per_image(snap))
+    elif dry:
+        # One line per image, so a plan reads (and greps) whole at any width.
+        for tid, job in sorted(snap.jobs, key=lambda tj: tj[1].line):
+            r = snap.results.get(tid)
+            if r is not None:
+                console.print(escape(describe.plan_line(r, job.destinations)), highlight=False, soft_wrap=True)
+    for problem, text in summary.pruning:
+        _say(console, "red" if problem else "magenta", text, "prune")
     for r in [] if failures_shown else summary.failures:
-        verb, _, rest = describe.failure_line(r).partition(" ")
-        console.print(f"[red]{verb.upper()}[/] {escape(rest)}", highlight=False, soft_wrap=True)
+        verb = "would fail" if dry else "failed"
+        _say(console, "red", describe.failure_line(r, verb), verb, shout=True)
+    for e in [] if failures_shown else summary.expansion_failures:
+        _say(console, "red", describe.expansion_line(e), "failed", shout=True)
     for w in summary.warnings:
         console.print(f"[yellow]warning[/] {escape(w)}", highlight=False, soft_wrap=True)
+
+
+def _say(console: Console, colour: str, text: str, verb: str, *, shout: bool = False) -> None:
+    """``text`` starts with ``verb``: coloured (and upper-cased with ``shout``), the rest escaped."""
+    rest = text.removeprefix(verb)
+    head = verb.upper() if shout else verb
+    console.print(f"[{colour}]{head}[/]{escape(rest)}" if colour else escape(text), highlight=False,
+                  soft_wrap=True)
 
 
 def _per_image(snap: BatchSnapshot) -> Table:
@@ -146,10 +203,10 @@ def _per_image(snap: BatchSnapshot) -> Table:
     for col in ("line", "source", "status", "destinations", "node", "bytes", "retried"):
         # References are long and have no spaces: fold them rather than cut them.
         per.add_column(col, justify="right" if col in ("line", "bytes") else "left", overflow="fold")
-    for tid, job in zip(snap.meta.task_ids, snap.meta.jobs, strict=True):
+    for tid, job in snap.jobs:
         r = snap.results.get(tid)
         if r is not None:
-            status = r.status.replace("_", " ")
+            status = describe.result_summary(r) if r.status == "would_copy" else r.status.replace("_", " ")
         elif (state := snap.states.get(tid)) is not None:
             status = f"{state.phase} ({state.attempt}/{state.attempts})" if state.attempt > 1 else state.phase
         else:
@@ -170,9 +227,14 @@ def as_json(snap: BatchSnapshot, summary: Summary) -> dict[str, Any]:
             "elapsed_s": round(summary.elapsed, 3), "rate_bytes_per_s": round(summary.rate),
             "freed_bytes": summary.freed_bytes,
             "cleanups_done": summary.cleanups_done, "cleanups_expected": summary.cleanups_expected,
+            "would_copy": summary.would_copy, "dry_run": snap.meta.dry_run,
         },
-        "images": [_image_json(snap, t, j.source, j.destinations, j.line)
-                   for t, j in zip(snap.meta.task_ids, snap.meta.jobs, strict=True)],
+        "images": [_image_json(snap, t, j.source, j.destinations, j.line) for t, j in snap.jobs],
+        "expansions": [
+            snap.expansions[e].model_dump(mode="json") if e in snap.expansions
+            else {"source": j.source, "line": j.line, "status": "pending"}
+            for e, j in zip(snap.meta.expansion_ids, snap.meta.expansions, strict=True)
+        ],
         "cleanups": [c.model_dump(mode="json") for c in snap.cleanups.values()],
     }
     if summary.wall is not None:

@@ -75,7 +75,8 @@ def load_schedules(settings: FerrySettings) -> list[Schedule]:
     for s in schedules:
         firing = firing_for(s, 0.0, settings)
         try:
-            plan_batch("check", firing.data.encode(), firing.targets, flatten=s.flatten, engine=firing.engine)
+            plan_batch("check", firing.data.encode(), firing.targets, flatten=s.flatten, engine=firing.engine,
+                       list_file=firing.list_file)
         except ListFileError as e:
             raise ScheduleError(f"schedule {s.name}: {firing.list_file}: " + "; ".join(map(str, e.errors))) from None
         except InvalidReference as e:

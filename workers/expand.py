@@ -61,7 +61,8 @@ def expand(job: ExpandJob, task_id: str, engine: RegistryEngine, store: BatchSto
 def _sync_job(job: ExpandJob, tag: str) -> SyncJob:
     return SyncJob(batch_id=job.batch_id, source=str(Reference.parse(job.source).with_tag(tag)),
                    destinations=[str(Reference.parse(d).with_tag(tag)) for d in job.destinations],
-                   platforms=job.platforms, engine=job.engine, line=job.line, dry_run=job.dry_run)
+                   platforms=job.platforms, engine=job.engine, line=job.line, referrers=job.referrers,
+                   dry_run=job.dry_run)
 
 
 def _prune(engine: RegistryEngine, job: ExpandJob, repo: str, selected: list[str], page_size: int,

@@ -55,8 +55,9 @@ def fire(app: Celery, store: BatchStore, firing: ScheduleFiring, *, task_id: str
             return "skipped"
     batch_id = firing.batch_id
     try:
-        jobs, warnings = plan_batch(batch_id, firing.data.encode(), firing.targets, flatten=firing.flatten,
-                                    engine=firing.engine, referrers=firing.referrers)
+        jobs, expansions, warnings = plan_batch(batch_id, firing.data.encode(), firing.targets,
+                                                flatten=firing.flatten, engine=firing.engine,
+                                                referrers=firing.referrers, list_file=firing.list_file)
     except (ListFileError, InvalidReference) as e:
         reason = f"{firing.list_file}: {e}".replace("\n", "; ")
         log.error("schedule %s: the run at %s enqueued nothing: %s", name, when(firing.run_at), reason)
@@ -64,7 +65,7 @@ def fire(app: Celery, store: BatchStore, firing: ScheduleFiring, *, task_id: str
         return "invalid"
     for w in warnings:
         log.warning("schedule %s: %s", name, w)
-    enqueue(app, store, batch_id, firing.list_file, firing.targets, jobs)
+    enqueue(app, store, batch_id, firing.list_file, firing.targets, jobs, expansions)
     log.info("schedule %s: the run at %s enqueued batch %s (%d images)", name, when(firing.run_at), batch_id, len(jobs))
     _record(store, name, firing.run_at, f"fired {batch_id}", batch=batch_id, fired_at=time.time(), increment="fired")
     return "fired"
