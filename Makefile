@@ -9,7 +9,7 @@ WORKERS ?= 2
 CONCURRENCY ?= 4
 
 .PHONY: venv run worker flower beat test test-fast test-slow test-faults test-docker test-cluster measure \
-	test-metrics test-schedules lint fmt bench clean
+	test-metrics test-schedules test-selectors lint fmt bench clean
 
 venv: .venv/.stamp
 .venv/.stamp: pyproject.toml
@@ -37,7 +37,7 @@ test: venv
 	$(PYTEST) -q -p no:cacheprovider
 
 test-fast: venv
-	$(PYTEST) -q -m "not slow and not faults and not docker and not cluster and not metrics and not schedules"
+	$(PYTEST) -q -m "not slow and not faults and not docker and not cluster and not metrics and not schedules and not selectors"
 
 test-slow: venv
 	$(PYTEST) -q -m slow
@@ -60,6 +60,9 @@ test-metrics: venv
 
 test-schedules: venv
 	$(PYTEST) -q -m schedules
+
+test-selectors: venv
+	$(PYTEST) -q -m selectors
 
 lint: venv
 	$(PY) -m ruff check config contract producer workers tests
