@@ -38,8 +38,11 @@ def human_seconds(s: float) -> str:
 
 
 def countdown(s: float) -> str:
-    """Time until something: whole seconds (``9 s``), minutes past a minute."""
-    return f"{max(0, round(s))} s" if s < 59.5 else human_seconds(s)
+    """Time until something: tenths below ten seconds (``0.4 s``, a request's retry), whole seconds
+    (``20 s``), minutes past a minute."""
+    if s < 9.95:
+        return f"{max(0.0, s):.1f} s"
+    return f"{round(s)} s" if s < 59.5 else human_seconds(s)
 
 
 def human_rate(nbytes: float, seconds: float) -> str:
@@ -173,13 +176,16 @@ def prune_lines(p: PruneResult, line: int, *, dry_run: bool) -> list[tuple[bool,
 
 
 def retry_line(line: int, source: str, state: TaskState, now: float, *, at: bool = False) -> str:
-    """``retrying line 2 (attempt 2/4 in 20 s): connection refused to 127.0.0.1:5998``."""
+    """``retrying line 2 (attempt 2/4 in 20 s): connection refused to 127.0.0.1:5998``, or, while a
+    request of the run under way waits, ``retrying line 2 (request retry 1/5 in 0.4 s, attempt 1/4): …``."""
+    request = state.request
+    retry_at, reason = (request.retry_at, request.reason) if request else (state.retry_at, state.reason)
     when = ""
-    if state.retry_at is not None:
-        wait = max(0.0, state.retry_at - now)
-        when = (f" at {clock(state.retry_at)}," if at else "") + f" in {countdown(wait)}"
-    note = f"attempt {state.attempt}/{state.attempts}{when}"
-    return image_line("retrying", line, source, state.reason or "temporary failure", note)
+    if retry_at is not None:
+        when = (f" at {clock(retry_at)}," if at else "") + f" in {countdown(max(0.0, retry_at - now))}"
+    note = f"attempt {state.attempt}/{state.attempts}"
+    note = f"request retry {request.failure}/{request.attempts - 1}{when}, {note}" if request else note + when
+    return image_line("retrying", line, source, reason or "temporary failure", note)
 
 
 def running_line(line: int, source: str, state: TaskState) -> str:

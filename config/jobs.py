@@ -89,8 +89,20 @@ class SyncResult(BaseModel):
         return self.first_started_at or self.started_at
 
 
+class RequestRetry(BaseModel):
+    """A request inside a running task that failed temporarily and is about to be sent again."""
+
+    what: str
+    # The failure just seen (1-based) of at most ``attempts - 1`` before the task's run gives up.
+    failure: int
+    attempts: int
+    retry_at: float
+    reason: str
+
+
 class TaskState(BaseModel):
-    """Where an unfinished sync task stands: running on a node, or waiting to run again."""
+    """Where an unfinished sync task stands: running on a node (perhaps retrying a request), or
+    waiting to run again."""
 
     phase: Literal["running", "retrying"]
     node: str = ""
@@ -99,6 +111,12 @@ class TaskState(BaseModel):
     attempts: int = 1
     retry_at: float | None = None
     reason: str | None = None
+    request: RequestRetry | None = None
+
+    @property
+    def retrying(self) -> bool:
+        """Waiting for a run of the task, or for a request inside the run under way."""
+        return self.phase == "retrying" or self.request is not None
 
 
 class CleanupResult(BaseModel):

@@ -258,8 +258,8 @@ def cmd_status(args: argparse.Namespace, settings: FerrySettings, out: Console, 
                           line=ej.line)
     unfinished = [t for t, _ in snap.jobs if t not in snap.results]
     unfinished += [e for e in meta.expansion_ids if e not in snap.expansions]
-    running = [t for t in unfinished if t in snap.states and snap.states[t].phase == "running"]
-    retrying = [t for t in unfinished if t in snap.states and snap.states[t].phase == "retrying"]
+    running = [t for t in unfinished if t in snap.states and not snap.states[t].retrying]
+    retrying = [t for t in unfinished if t in snap.states and snap.states[t].retrying]
     queued = len(unfinished) - len(running) - len(retrying)
     moved = summary.bytes + sum(snap.progress.get(t, 0) for t in unfinished)
     if args.json:

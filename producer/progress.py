@@ -126,10 +126,12 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task
                         told.add((t, 0))
                         _say(console, "red", describe.failure_line(r, failed_verb), failed_verb)
                 retrying = {t: s for t, s in tally.states.items() if t in lines and t not in results
-                            and s.phase == "retrying"}
+                            and s.retrying}
                 for t, s in retrying.items():
-                    if (t, s.attempt) not in told:
-                        told.add((t, s.attempt))
+                    # Once per run: the first request retried in it, then the wait for the next run.
+                    key = (t, s.attempt if s.phase == "retrying" else -s.attempt)
+                    if key not in told:
+                        told.add(key)
                         text = describe.retry_line(lines[t], sources[t], s, time.time())
                         _say(console, "yellow", text, "retrying")
                 vol = volume(watch, results, tally)

@@ -7,7 +7,7 @@ themselves, on results shaped like the engines' own.
 from __future__ import annotations
 
 from config import describe
-from config.jobs import DestinationResult, SyncResult, TaskState
+from config.jobs import DestinationResult, RequestRetry, SyncResult, TaskState
 from contract.batches import Tally
 from producer.progress import Meter, Volume, volume
 from producer.report import active_seconds
@@ -43,6 +43,16 @@ def test_a_retry_line_says_which_attempt_comes_when() -> None:
     assert at.startswith(f"retrying line 2 (attempt 2/4 at {describe.clock(1000.0)}, in 20 s): ")
 
 
+def test_a_request_retried_inside_a_run_says_so() -> None:
+    waiting = RequestRetry(what="HEAD manifest", failure=1, attempts=6, retry_at=1000.4,
+                           reason="connection refused to 127.0.0.1:5998")
+    state = TaskState(phase="running", attempt=1, attempts=4, request=waiting)
+    assert state.retrying and not TaskState(phase="running").retrying
+    assert describe.retry_line(2, "127.0.0.1:5998/down/x:v1", state, now=998.0) == (
+        "retrying line 2 (request retry 1/5 in 2.4 s, attempt 1/4): 127.0.0.1:5998/down/x:v1: "
+        "connection refused to 127.0.0.1:5998")
+
+
 def test_a_sync_summary_and_its_flower_result() -> None:
     dests = [DestinationResult(destination="d/a:v1", status="synced", blobs_copied=6, blobs_mounted=2,
                                bytes_transferred=12_600_000)]
@@ -57,7 +67,8 @@ def test_figures_read_as_people_say_them() -> None:
     assert [describe.human_bytes(n) for n in (512, 52_100_000, 93_000_000_000)] == ["512 B", "52.1 MB", "93.0 GB"]
     assert [describe.human_seconds(s) for s in (2.43, 20.4, 185, 3720)] == ["2.4 s", "20 s", "3 min 05 s",
                                                                             "1 h 02 min"]
-    assert [describe.countdown(s) for s in (9.5, 0.2, -1)] == ["10 s", "0 s", "0 s"]
+    assert [describe.countdown(s) for s in (9.97, 9.5, 0.24, -1, 75)] == ["10 s", "9.5 s", "0.2 s", "0.0 s",
+                                                                          "1 min 15 s"]
     assert describe.human_rate(4_000_000, 2.0) == "2.0 MB/s" and describe.human_rate(5, 0) == "-"
 
 

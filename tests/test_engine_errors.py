@@ -20,7 +20,7 @@ from workers.engine.errors import (
     error_from_response,
     parse_retry_after,
 )
-from workers.engine.retry import RetryPolicy
+from workers.engine.retry import RetryPolicy, WatchedPool, watching
 
 
 def test_registry_answers_become_typed_actionable_errors(src: Registry) -> None:
@@ -98,3 +98,38 @@ def test_retry_policy_retries_only_temporary_errors() -> None:
     jittered = RetryPolicy(base_delay=1, max_delay=8)
     assert all(0 <= jittered.delay(4) <= 8 for _ in range(50))
     assert RegistryError("x", reference="a/b:c").with_reference("z").reference == "a/b:c"
+
+
+class _Heard:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, int]] = []
+
+    def retrying(self, what: str, failure: int, attempts: int, pause: float, error: RegistryError) -> None:
+        self.events.append(("retrying", what, failure))
+
+    def recovered(self, what: str) -> None:
+        self.events.append(("recovered", what, 0))
+
+
+def test_a_watch_hears_the_retries_of_its_copy_even_from_the_engines_pool() -> None:
+    policy = RetryPolicy(attempts=3, base_delay=0, max_delay=0)
+    failures = {"a": 1, "b": 0}
+
+    def request(name: str) -> str:
+        if failures[name]:
+            failures[name] -= 1
+            raise TransportError("connection reset")
+        return name
+
+    heard, elsewhere = _Heard(), _Heard()
+    with WatchedPool(max_workers=2) as pool:
+        with watching(heard):
+            assert pool.submit(policy.call, lambda: request("a"), what="GET a").result() == "a"
+            assert policy.call(lambda: request("b"), what="GET b") == "b"  # no retry: nothing to hear
+        failures["a"] = 1
+        with watching(elsewhere):
+            pool.submit(policy.call, lambda: request("a"), what="GET a").result()
+        failures["a"] = 1
+        pool.submit(policy.call, lambda: request("a"), what="GET a").result()  # watched by no one
+    assert heard.events == [("retrying", "GET a", 1), ("recovered", "GET a", 0)]
+    assert elsewhere.events == heard.events

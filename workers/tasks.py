@@ -13,14 +13,16 @@ from celery.exceptions import Retry
 
 from config import describe
 from config.expansion import ExpandJob, ExpandResult
-from config.jobs import SyncJob, SyncResult, TaskState
+from config.jobs import RequestRetry, SyncJob, SyncResult, TaskState
 from config.schedules import ScheduleFiring
 from contract.batches import BatchStore
 from contract.broker import CLEANUP_TASK, EXPAND_TASK, SCHEDULE_TASK, SYNC_TASK, node_queue
 from contract.dispatch import publish
 from workers import runtime
 from workers.app import app
+from workers.engine.errors import RegistryError
 from workers.engine.registry import RegistryEngine
+from workers.engine.retry import watching
 from workers.expand import expand
 from workers.schedules import fire
 
@@ -84,6 +86,33 @@ class _Progress:
             log.debug("progress not recorded: %s", e)
 
 
+class _RequestRetries:
+    """Publishes the task's state while one of its requests waits to be sent again, so the live
+    view and ``status`` say a registry is being retried instead of showing a stalled bar."""
+
+    def __init__(self, store: BatchStore, batch_id: str, task_id: str, running: TaskState) -> None:
+        self.store, self.batch_id, self.task_id, self.running = store, batch_id, task_id, running
+        self._lock = threading.Lock()
+        self._shown = False
+
+    def retrying(self, what: str, failure: int, attempts: int, pause: float, error: RegistryError) -> None:
+        request = RequestRetry(what=what, failure=failure, attempts=attempts, retry_at=time.time() + pause,
+                               reason=str(error))
+        self._record(self.running.model_copy(update={"request": request}), shown=True)
+
+    def recovered(self, what: str) -> None:
+        if self._shown:
+            self._record(self.running, shown=False)
+
+    def _record(self, state: TaskState, *, shown: bool) -> None:
+        with self._lock:
+            self._shown = shown
+            try:
+                self.store.record_state(self.batch_id, self.task_id, state)
+            except Exception as e:  # advisory, like progress
+                log.debug("state not recorded: %s", e)
+
+
 # The longest pause between two runs of one image's task.
 MAX_TASK_RETRY_DELAY = 300.0
 
@@ -104,12 +133,12 @@ def sync_image(self: Task, job: dict[str, Any], first_started_at: float | None =
     runs = s.task_max_retries + 1
     metrics = runtime.recorder()
     started = time.time()
-    store.record_state(j.batch_id, task_id, TaskState(phase="running", node=s.node, attempt=attempt + 1,
-                                                      attempts=runs))
+    running = TaskState(phase="running", node=s.node, attempt=attempt + 1, attempts=runs)
+    store.record_state(j.batch_id, task_id, running)
     progress = _Progress(store, j.batch_id, task_id)
     crash: Exception | None = None
     try:
-        with metrics.in_flight():
+        with metrics.in_flight(), watching(_RequestRetries(store, j.batch_id, task_id, running)):
             # A dry run only reads registries, which the registry engine does for either engine.
             result = runtime.engine("registry" if j.dry_run else j.engine).sync(j, progress, expect=progress.expect)
     except Exception as e:  # a bug must still end the image, not hang the batch

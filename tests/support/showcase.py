@@ -75,7 +75,7 @@ def main() -> None:
         target = f"{dst.host}/mirror"
 
         run = _run(c, "enqueue", str(listing), "--target", target, "--wait")
-        wait_until(lambda: run.first_seen(r"retrying line 4") is not None, 60, "the retry")
+        wait_until(lambda: run.first_seen(r"retrying line 4 \(attempt") is not None, 60, "the retry")
         batch = c.latest_batch()
         status = _run(c, "status", batch)  # while line 4 waits for its next attempt
         _show(run, f"enqueue images.txt --target {target} --wait")

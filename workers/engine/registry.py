@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from config import defaults
@@ -24,7 +23,7 @@ from workers.engine.plan import plan_copy
 from workers.engine.protocols import CleanupStats, Coordinator, NoObserver, Observer, ProgressFn
 from workers.engine.referrers import ReferrerCopier, carry_referrers
 from workers.engine.results import sync_result
-from workers.engine.retry import RetryPolicy
+from workers.engine.retry import RetryPolicy, WatchedPool
 from workers.engine.transport import DEFAULT_USER_AGENT, MAX_CONNECTIONS_PER_HOST, RegistryTransport
 
 log = logging.getLogger(__name__)
@@ -112,7 +111,7 @@ class RegistryEngine:
         self.blobs = BlobCopier(self.transport, chunk_size=o.chunk_size, cache=cache if o.use_cache else None,
                                 coordinator=coordinator,
                                 range_parallel=o.range_parallel, range_threshold=o.range_threshold)
-        self._executor = ThreadPoolExecutor(max_workers=o.blob_concurrency, thread_name_prefix="ferry-blob")
+        self._executor = WatchedPool(max_workers=o.blob_concurrency, thread_name_prefix="ferry-blob")
         self.referrers = ReferrerCopier(self.transport, self.blobs, self._executor)
 
     def sync(self, job: SyncJob, progress: ProgressFn, *, expect: ProgressFn | None = None) -> SyncResult:

@@ -2,6 +2,8 @@
 
 The transport layer owns retries: it wraps each request or blob transfer once;
 nothing beneath it (httpx has ``retries=0``) and nothing above it retries again.
+Whoever runs a copy may watch its retries (``watching``), so a person sees a registry being
+retried while it happens rather than a stalled bar.
 """
 
 from __future__ import annotations
@@ -9,19 +11,57 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar, copy_context
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import ParamSpec, Protocol, TypeVar
 
 from config import defaults
 from workers.engine.errors import RateLimited, RegistryError
 from workers.engine.protocols import NoObserver, Observer
 
 T = TypeVar("T")
+P = ParamSpec("P")
 log = logging.getLogger(__name__)
 
 # A registry asking for a longer pause than this is waited out by the task layer instead.
 RETRY_AFTER_CAP = 60.0
+
+
+class RetryWatch(Protocol):
+    """Told of each pause before a request is sent again, and when a retried request succeeds."""
+
+    def retrying(self, what: str, failure: int, attempts: int, pause: float, error: RegistryError) -> None: ...
+
+    def recovered(self, what: str) -> None: ...
+
+
+# Set per copy, in the thread that runs it; the engine's pools carry it into theirs.
+_watch: ContextVar[RetryWatch | None] = ContextVar("ferry_retry_watch", default=None)
+
+
+@contextmanager
+def watching(watch: RetryWatch) -> Iterator[None]:
+    """Report the retries of every request made in this context to ``watch``."""
+    token = _watch.set(watch)
+    try:
+        yield
+    finally:
+        _watch.reset(token)
+
+
+class WatchedPool(ThreadPoolExecutor):
+    """A thread pool whose work runs in its submitter's context, so its retries reach the same watch."""
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        context = copy_context()
+
+        def run() -> T:
+            return context.run(fn, *args, **kwargs)
+
+        return super().submit(run)
 
 
 @dataclass(frozen=True)
@@ -54,7 +94,7 @@ class RetryPolicy:
         failures = 0
         while True:
             try:
-                return fn()
+                value = fn()
             except RegistryError as exc:
                 failures += 1
                 if not self.should_retry(exc, failures):
@@ -63,4 +103,10 @@ class RetryPolicy:
                 log.info("%s failed (%s); retry %d/%d in %.1fs", what, exc, failures,
                          self.attempts - 1, pause)
                 self.observer.retry()
+                if (watch := _watch.get()) is not None:
+                    watch.retrying(what, failures, self.attempts, pause, exc)
                 self.sleep(pause)
+                continue
+            if failures and (watch := _watch.get()) is not None:
+                watch.recovered(what)
+            return value
