@@ -20,6 +20,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -36,10 +37,22 @@ class RegistryConfig(BaseModel):
     password: SecretStr | None = None
     # Extra credentials rotated when the first one's pull quota is spent.
     extra_credentials: list[tuple[str, SecretStr]] = Field(default_factory=list)
+    # HTTPS without verifying the certificate; plain HTTP when the registry does not speak TLS.
     insecure: bool = False
+    # A PEM bundle trusted for this registry besides the default CAs (a private CA).
+    ca_file: str | None = None
+    # mTLS: the certificate (PEM) presented to this registry, and its key (omit when in the same file).
+    client_cert: str | None = None
+    client_key: str | None = None
     mirrors: list[str] = Field(default_factory=list)
     max_concurrency: PositiveInt | None = None
     requests_per_second: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> RegistryConfig:
+        if self.client_key and not self.client_cert:
+            raise ValueError("client_key is set without client_cert")
+        return self
 
 
 class RetrySettings(BaseModel):

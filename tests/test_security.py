@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -29,9 +28,11 @@ from tests.support.htpasswd import write_htpasswd
 from tests.support.images import Pusher, push_image
 from tests.support.procs import free_port, port_open, stop, wait_until
 from tests.support.registry import Registry
+from tests.support.tls import PrivateCA, non_loopback_addresses
 from tests.support.tokenserver import TokenServer
 from tests.support.workers import ROOT
 from workers.engine.auth import RegistryAuth
+from workers.engine.errors import CertificateError
 from workers.engine.keychain import Credential, StaticKeychain
 from workers.engine.transport import RegistryTransport
 
@@ -158,16 +159,26 @@ def test_no_secret_leaves_the_workers(tmp_path: Path, make_cluster: Callable[...
         ts.stop()
 
 
-def test_tls_is_verified_except_for_loopback_and_listed_insecure_registries() -> None:
-    t = RegistryTransport(insecure_registries=["insecure.example.com"])
+def test_tls_is_verified_except_for_loopback_and_listed_insecure_registries(
+        tmp_path: Path, make_registry: Callable[..., Registry]) -> None:
+    address = next(iter(non_loopback_addresses()), None)
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to serve a registry on")
+    ca = PrivateCA(tmp_path / "ca")
+    tls = make_registry("tls", address=address, tls=ca.server(address), ssl_context=ca.context())
+    plain = make_registry("plain")
+    t = RegistryTransport()
     try:
         assert t.base_url("registry.example.com") == "https://registry.example.com"
-        assert t.base_url("insecure.example.com") == "http://insecure.example.com"
-        assert t.base_url("127.0.0.1:5000") == "http://127.0.0.1:5000"
         assert t.base_url("localhost:5000") == "http://localhost:5000"
-        client = t.client("registry.example.com")  # built, not connected
-        ctx = client._transport._pool._ssl_context  # type: ignore[attr-defined]
-        assert isinstance(ctx, ssl.SSLContext)
-        assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+        with pytest.raises(CertificateError, match=f"certificate verify failed for {tls.host}"):
+            t.request("GET", tls.host, "/v2/")
+        assert t.request("GET", plain.host, "/v2/").status_code == 200
     finally:
         t.close()
+    insecure = RegistryTransport(insecure_registries=[tls.host])
+    try:
+        assert insecure.request("GET", tls.host, "/v2/").status_code == 200
+        assert insecure.base_url(tls.host) == f"https://{tls.host}"
+    finally:
+        insecure.close()

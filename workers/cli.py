@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(describe_validation_error(e))
     try:
         docker_config_file(settings.docker_config)
+        # Every CA bundle and client certificate read now: a bad path is input, not a failed image.
+        runtime.tls_policy(settings).check()
     except ValueError as e:
         return _fail(str(e))
     if args.command == "cleanup":

@@ -26,7 +26,7 @@ from workers.engine.keychain import Credential, Keychain, configured_keychain, d
 from workers.engine.local_coordinator import LocalCoordinator
 from workers.engine.protocols import Coordinator, Engine, Observer
 from workers.engine.registry import RegistryEngine, RegistryOptions
-from workers.engine.tls import client_context
+from workers.engine.tls import TlsConfig, TlsPolicy, client_context
 from workers.metrics import NoRecorder, Recorder
 from workers.upkeep import UpkeepConfig
 
@@ -54,6 +54,16 @@ def recorder() -> Recorder:
 def preload() -> None:
     """Work done once in the worker's main process so every forked pool process shares it."""
     client_context()
+
+
+def tls_configs(s: FerrySettings) -> dict[str, TlsConfig]:
+    return {h: TlsConfig(r.ca_file, r.client_cert, r.client_key, r.insecure)
+            for h, r in s.registries.items() if r.ca_file or r.client_cert or r.insecure}
+
+
+def tls_policy(s: FerrySettings) -> TlsPolicy:
+    """The TLS rules of these settings; ``check()`` on it reads every file they name."""
+    return TlsPolicy(tls_configs(s), s.insecure_registries)
 
 
 def settings() -> FerrySettings:
@@ -154,8 +164,8 @@ def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = 
         # Built even when copies bypass it: cleanup still applies the policy to what is there.
         cache = BlobCache(cache_dir(s), cache_policy(s))
         options = RegistryOptions(
-            insecure_registries=tuple(s.insecure_registries)
-            + tuple(h for h, r in s.registries.items() if r.insecure),
+            insecure_registries=tuple(s.insecure_registries),
+            tls=tls_configs(s),
             blob_concurrency=s.blob_concurrency,
             chunk_size=int(s.chunk_size),
             retry_attempts=s.retry.attempts,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 import textwrap
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from tests.support.procs import free_port, port_open, stop, wait_until
+from tests.support.tls import CertFiles
 
 
 @dataclass
@@ -23,15 +25,24 @@ class Registry:
     proxy_remote: str | None = None
     # distribution refuses every DELETE (405 UNSUPPORTED) unless storage.delete.enabled is true.
     delete_enabled: bool = True
+    # Where it listens (a non-loopback address of this machine, or of a network namespace).
+    address: str = "127.0.0.1"
+    # Serve HTTPS with this certificate; with client_cas, require a client certificate signed by one.
+    tls: CertFiles | None = None
+    client_cas: tuple[Path, ...] = ()
+    # What the tests' own reads trust (and present), for a TLS registry.
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+    # Run through this command prefix (e.g. ``ip netns exec NAME``).
+    prefix: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.address}:{self.port}"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     def config(self) -> str:
         auth = ""
@@ -52,6 +63,11 @@ class Registry:
                 issuer: {issuer}
                 rootcertbundle: {bundle}
             """
+        http = f"http:\n  addr: {self.address}:{self.port}\n"
+        if self.tls is not None:
+            http += f"  tls:\n    certificate: {self.tls.cert}\n    key: {self.tls.key}\n"
+            if self.client_cas:
+                http += "    clientcas:\n" + "".join(f"      - {ca}\n" for ca in self.client_cas)
         proxy = f"""
             proxy:
               remoteurl: {self.proxy_remote}
@@ -70,9 +86,7 @@ class Registry:
               maintenance:
                 uploadpurging:
                   enabled: false
-            http:
-              addr: 127.0.0.1:{self.port}
-            """) + textwrap.dedent(auth) + textwrap.dedent(proxy)
+            """) + http + textwrap.dedent(auth) + textwrap.dedent(proxy)
 
     def start(self) -> Registry:
         if not shutil.which("docker-registry"):
@@ -84,10 +98,23 @@ class Registry:
         cfg.write_text(self.config())
         with open(self.root / "registry.log", "ab") as log:
             self.proc = subprocess.Popen(
-                ["docker-registry", "serve", str(cfg)], stdout=log, stderr=log, start_new_session=True
+                [*self.prefix, "docker-registry", "serve", str(cfg)], stdout=log, stderr=log,
+                start_new_session=True
             )
-        wait_until(lambda: port_open(self.port), 15, f"registry on {self.port}")
+        wait_until(self.answers, 15, f"registry on {self.host}")
         return self
+
+    def client(self) -> httpx.Client:
+        """A client for the tests' own reads (trusting the registry's CA when it has TLS)."""
+        return httpx.Client(verify=self.ssl_context or True, timeout=30)
+
+    def answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"registry exited with {self.proc.returncode}: {self.log()[-2000:]}")
+        if not self.prefix:
+            return port_open(self.port, self.address)
+        with self.client() as c:
+            return c.get(f"{self.url}/v2/").status_code in (200, 401)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -111,11 +138,15 @@ class Registry:
                 "application/vnd.docker.distribution.manifest.v2+json",
             ]
         )
-        r = httpx.head(f"{self.url}/v2/{repo}/manifests/{ref}", headers={"Accept": accept})
+        if client is None:
+            with self.client() as c:
+                return self.manifest_digest(repo, ref, c)
+        r = client.head(f"{self.url}/v2/{repo}/manifests/{ref}", headers={"Accept": accept})
         if r.status_code == 404:
             return None
         r.raise_for_status()
         return r.headers.get("Docker-Content-Digest")
 
     def has_blob(self, repo: str, digest: str) -> bool:
-        return httpx.head(f"{self.url}/v2/{repo}/blobs/{digest}").status_code == 200
+        with self.client() as c:
+            return c.head(f"{self.url}/v2/{repo}/blobs/{digest}").status_code == 200

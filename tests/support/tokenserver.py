@@ -13,6 +13,7 @@ import datetime as dt
 import fnmatch
 import json
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -55,6 +56,8 @@ class TokenServer:
     service: str = "ferry-test-registry"
     issuer: str = "ferry-test-issuer"
     port: int = 0
+    # Serve HTTPS with this server context (a certificate from a private CA).
+    tls: ssl.SSLContext | None = field(default=None, repr=False)
     _seen: list[SeenRequest] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _server: ThreadingHTTPServer | None = field(default=None, repr=False)
@@ -93,6 +96,8 @@ class TokenServer:
     def start(self) -> TokenServer:
         server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self))
         server.daemon_threads = True
+        if self.tls is not None:
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True)
         self.port = int(server.server_address[1])
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="token-server", daemon=True)
@@ -116,7 +121,7 @@ class TokenServer:
 
     @property
     def realm(self) -> str:
-        return f"http://127.0.0.1:{self.port}/token"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/token"
 
     @property
     def registry_token(self) -> tuple[str, str, str, Path]:

@@ -14,12 +14,12 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import httpx
 
-from config.reference import canonical_registry, host_is_loopback
+from config.reference import canonical_registry
 from workers.engine.challenges import (
     Scope,
     describe_scope,
@@ -84,12 +84,13 @@ class RegistryAuth(httpx.Auth):
         keychain: Keychain,
         *,
         token_client: httpx.Client | None = None,
-        insecure: bool = False,
+        tls: Callable[[str], ssl.SSLContext] = lambda host: client_context(),
     ) -> None:
         self.registry = canonical_registry(registry)
         self._keychain = keychain
         self._token_client = token_client
-        self._insecure = insecure
+        # The TLS context for a token realm's host (``host[:port]``): its own settings, or the default.
+        self._tls = tls
         self._lock = threading.Lock()
         self._resolve_lock = threading.Lock()
         self._credential: Credential | None = None
@@ -255,9 +256,7 @@ class RegistryAuth(httpx.Auth):
     def _new_client(self, realm_url: httpx.URL) -> httpx.Client:
         # Token fetches are rare (one per scope per token lifetime): a short-lived client
         # keeps this object free of resources to close.
-        verify: ssl.SSLContext | bool = client_context()
-        if self._insecure or host_is_loopback(realm_url.host):
-            verify = False
+        verify = self._tls(realm_url.netloc.decode("ascii"))
         return httpx.Client(timeout=httpx.Timeout(30.0), verify=verify, follow_redirects=True)
 
     def _fetch_token(self, realm: _Realm, scope: Scope) -> tuple[str, float]:

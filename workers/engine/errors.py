@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.utils
 import json
 import re
+import ssl
 import time
 from collections.abc import Sequence
 
@@ -18,6 +19,8 @@ from config.reference import Reference, name_of
 
 # Error bodies are small JSON documents; never read more of one than this.
 ERROR_BODY_LIMIT = 64 * 1024
+# What Go's TLS servers (distribution among them) answer a plain HTTP request with.
+_PLAIN_TO_TLS = b"Client sent an HTTP request to an HTTPS server"
 
 
 class RegistryError(Exception):
@@ -75,6 +78,13 @@ class TransportError(RegistryError):
     """The connection failed, timed out or was cut before an answer."""
 
     default_temporary = True
+
+
+class CertificateError(TransportError):
+    """TLS with the registry failed over certificates: its certificate did not verify, or it wanted a
+    client certificate. Final: the settings must change, trying again cannot help."""
+
+    default_temporary = False
 
 
 class RateLimited(RegistryError):
@@ -239,7 +249,14 @@ def error_from_response(
 ) -> RegistryError:
     """The typed error for a non-success answer, reading at most ``body_limit`` bytes of it."""
     status = response.status_code
-    codes, messages, detail = _parse_errors(read_capped(response, body_limit))
+    body = read_capped(response, body_limit)
+    if status == 400 and _plain_to_tls(response, body):
+        host = response.request.url.netloc.decode("ascii", "replace") if _has_request(response) else "the registry"
+        return InvalidRequest(
+            f"{host} speaks only HTTPS, and ferry spoke plain HTTP to it (as to every loopback registry "
+            f"without TLS settings) — set ca_file (or insecure) for {host} in FERRY_REGISTRIES",
+            status=status, reference=str(reference) if reference is not None else None)
+    codes, messages, detail = _parse_errors(body)
     cls = next((_CODE_CLASSES[c] for c in codes if c in _CODE_CLASSES), None)
     if cls is None or (cls is NotFound and status >= 500):
         cls = _class_for_status(status)
@@ -262,6 +279,12 @@ def error_from_response(
     return cls(message, **kw)  # type: ignore[arg-type]
 
 
+def _plain_to_tls(response: httpx.Response, body: bytes) -> bool:
+    """Go's TLS servers answer plain HTTP with a bare HTTP/1.0 400: no headers, and this body
+    (which a HEAD does not get)."""
+    return body.startswith(_PLAIN_TO_TLS) or (response.http_version == "HTTP/1.0" and not response.headers)
+
+
 def _has_request(response: httpx.Response) -> bool:
     try:
         response.request  # noqa: B018 - raises when the response was built by hand
@@ -279,9 +302,12 @@ def transport_error(
     exc: httpx.HTTPError, *, url: str | None = None, reference: object = None
 ) -> TransportError:
     """A connection-level failure (or a body that would not decode), named the way a person
-    would describe it, with the host it happened with."""
+    would describe it, with the host it happened with. A certificate failure is final."""
     text = str(exc)
     host = _host(exc, url) or "the registry"
+    refused = certificate_problem(exc, host)
+    if refused is not None:
+        return CertificateError(refused, url=url, reference=str(reference) if reference is not None else None)
     kinds: dict[type[httpx.HTTPError], str] = {
         httpx.ConnectTimeout: f"connection to {host} timed out",
         httpx.ReadTimeout: f"read from {host} timed out",
@@ -307,6 +333,38 @@ def transport_error(
         # A bad URL scheme will not fix itself.
         temporary=False if isinstance(exc, httpx.UnsupportedProtocol) else None,
     )
+
+
+# TLS alerts a server sends when it wanted a client certificate and got none (or one it rejects).
+_CLIENT_CERT_ALERTS = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN",
+                       "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED", "ACCESS_DENIED")
+
+
+def ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The ``ssl.SSLError`` underneath an httpx error (httpx and httpcore chain the original)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def certificate_problem(exc: BaseException, host: str) -> str | None:
+    """What went wrong and what to do, when ``exc`` is a certificate failure with ``host``; else None."""
+    cause = ssl_cause(exc)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        why = cause.verify_message or cause.reason or str(cause)
+        return (f"certificate verify failed for {host}: {why} — set ca_file for {host} in FERRY_REGISTRIES "
+                "(or list it as insecure)")
+    reason = (cause.reason or "") if cause is not None else ""
+    if cause is not None and any(alert in reason.upper() for alert in _CLIENT_CERT_ALERTS):
+        return (f"TLS refused by {host}: it requires a client certificate it accepts "
+                f"({reason.lower().replace('_', ' ')}) — set client_cert and client_key for {host} "
+                "in FERRY_REGISTRIES")
+    return None
 
 
 _NAME_RESOLUTION = re.compile(r"name or service not known|nodename nor servname|name resolution|"

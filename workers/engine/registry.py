@@ -24,6 +24,7 @@ from workers.engine.protocols import CleanupStats, Coordinator, NoObserver, Obse
 from workers.engine.referrers import ReferrerCopier, carry_referrers
 from workers.engine.results import sync_result
 from workers.engine.retry import RetryPolicy, WatchedPool
+from workers.engine.tls import TlsConfig
 from workers.engine.transport import DEFAULT_USER_AGENT, MAX_CONNECTIONS_PER_HOST, RegistryTransport
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ QUOTA_WARN_FRACTION = 0.1
 @dataclass(frozen=True)
 class RegistryOptions:
     insecure_registries: tuple[str, ...] = ()
+    # Per registry host: CA bundle, client certificate, insecure (see workers/engine/tls.py).
+    tls: Mapping[str, TlsConfig] = field(default_factory=dict)
     blob_concurrency: int = defaults.BLOB_CONCURRENCY
     chunk_size: int = defaults.CHUNK_SIZE
     retry_attempts: int = defaults.RETRY_ATTEMPTS
@@ -97,6 +100,7 @@ class RegistryEngine:
         self.transport = RegistryTransport(
             keychain=keychain,
             insecure_registries=o.insecure_registries,
+            tls=o.tls,
             retry=RetryPolicy(o.retry_attempts, o.retry_base_delay, o.retry_max_delay,
                               observer=observer or NoObserver()),
             connect_timeout=o.connect_timeout,

@@ -2,8 +2,7 @@
 
 Clients are created on first use and kept for the life of the process, so warm
 syncs reuse their keep-alive connections instead of paying a handshake per image.
-Loopback registries and hosts listed insecure speak plain HTTP; all others HTTPS
-with certificate verification.
+The scheme and TLS context of each host come from ``TlsPolicy`` (workers/engine/tls.py).
 """
 
 from __future__ import annotations
@@ -19,14 +18,19 @@ from importlib.metadata import version
 import httpx
 
 from config import defaults
-from config.reference import host_is_loopback
 from workers.engine.auth import RegistryAuth
-from workers.engine.errors import RegistryError, error_from_response, transport_error
+from workers.engine.errors import (
+    RegistryError,
+    certificate_problem,
+    error_from_response,
+    ssl_cause,
+    transport_error,
+)
 from workers.engine.keychain import AnonymousKeychain, Keychain
 from workers.engine.protocols import Coordinator, NoObserver, Observer
 from workers.engine.retry import RetryPolicy
 from workers.engine.throttle import ThrottledTransport, quota_number
-from workers.engine.tls import client_context
+from workers.engine.tls import Scheme, TlsConfig, TlsPolicy
 
 DEFAULT_USER_AGENT = f"ferry/{version('ferry')}"
 # Room for blob_concurrency (6) downloads * range parts (4) plus manifests and uploads to
@@ -59,6 +63,7 @@ class RegistryTransport:
         *,
         keychain: Keychain | None = None,
         insecure_registries: Iterable[str] = (),
+        tls: Mapping[str, TlsConfig] | None = None,
         retry: RetryPolicy | None = None,
         connect_timeout: float = defaults.CONNECT_TIMEOUT,
         read_timeout: float = defaults.READ_TIMEOUT,
@@ -69,7 +74,7 @@ class RegistryTransport:
         observer: Observer | None = None,
     ) -> None:
         self.keychain: Keychain = keychain or AnonymousKeychain()
-        self.insecure = frozenset(insecure_registries)
+        self.tls = TlsPolicy(tls, insecure_registries)
         self.observer: Observer = observer or NoObserver()
         self.retry = retry or RetryPolicy(observer=self.observer)
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
@@ -79,6 +84,9 @@ class RegistryTransport:
         self.coordinator = coordinator
         self.quota_floor = quota_floor
         self._clients: dict[str, httpx.Client] = {}
+        # Insecure hosts found not to speak TLS: plain HTTP from then on.
+        self._plain: set[str] = set()
+        self._retired: list[httpx.Client] = []
         self._quotas: dict[str, RateQuota] = {}
         self._latency: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
@@ -87,7 +95,10 @@ class RegistryTransport:
     # -- clients -------------------------------------------------------------------
 
     def scheme(self, host: str) -> str:
-        return "http" if host in self.insecure or host_is_loopback(host) else "https"
+        decided = self.tls.scheme(host)
+        if decided is Scheme.HTTP or (decided is Scheme.HTTPS_OR_HTTP and host in self._plain):
+            return "http"
+        return "https"
 
     def base_url(self, host: str) -> str:
         return f"{self.scheme(host)}://{host}"
@@ -109,14 +120,15 @@ class RegistryTransport:
             keepalive_expiry=60.0,
         )
         # retries=0: RetryPolicy is the only place that retries.
-        transport: httpx.BaseTransport = httpx.HTTPTransport(verify=client_context(), limits=limits, retries=0)
+        transport: httpx.BaseTransport = httpx.HTTPTransport(verify=self.tls.context(host), limits=limits,
+                                                             retries=0)
         if self.coordinator is not None:
             transport = ThrottledTransport(transport, host, self.coordinator, quota_floor=self.quota_floor,
                                            observer=self.observer)
         return httpx.Client(
             base_url=self.base_url(host),
             transport=transport,
-            auth=RegistryAuth(host, self.keychain, insecure=self.scheme(host) == "http"),
+            auth=RegistryAuth(host, self.keychain, tls=self.tls.context),
             timeout=self.timeout,
             headers={"User-Agent": self.user_agent},
             # httpx drops Authorization when a redirect leaves the origin (blob storage URLs).
@@ -126,7 +138,7 @@ class RegistryTransport:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            clients, self._clients = list(self._clients.values()), {}
+            clients, self._clients = [*self._clients.values(), *self._retired], {}
         for c in clients:
             c.close()
 
@@ -181,6 +193,11 @@ class RegistryTransport:
         try:
             response = client.send(request, stream=True)
         except httpx.TransportError as exc:
+            if self._speaks_no_tls(host, exc) and self._try_plain(host):
+                if str(url).startswith(f"https://{host}/"):
+                    url = "http" + str(url).removeprefix("https")
+                return self.send(method, host, url, ok=ok, reference=reference, headers=headers, params=params,
+                                 content=content, stream=stream)
             self.observer.request(host, 0)
             raise transport_error(exc, url=safe_url, reference=reference) from exc
         except httpx.TooManyRedirects as exc:
@@ -203,6 +220,32 @@ class RegistryTransport:
         if not stream:
             response.close()
         return response
+
+    def _speaks_no_tls(self, host: str, exc: httpx.TransportError) -> bool:
+        """An insecure host whose TLS handshake failed (an unverified handshake fails only when the
+        server does not speak TLS), not yet found to speak plain HTTP."""
+        return (isinstance(exc, httpx.ConnectError) and self.tls.scheme(host) is Scheme.HTTPS_OR_HTTP
+                and host not in self._plain and ssl_cause(exc) is not None
+                and certificate_problem(exc, host) is None)
+
+    def _try_plain(self, host: str) -> bool:
+        """Plain HTTP for ``host`` from now on if it answers HTTP, as docker does for insecure
+        registries: a registry's answer to ``GET /v2/`` (a 401 too) proves it. TLS servers answer
+        plain HTTP with 400, which proves nothing."""
+        with httpx.Client(timeout=self.timeout) as probe:
+            try:
+                answer = probe.get(f"http://{host}/v2/", headers={"User-Agent": self.user_agent})
+            except httpx.TransportError:
+                return False
+        if answer.status_code == 400:
+            return False
+        with self._lock:
+            self._plain.add(host)
+            old = self._clients.pop(host, None)
+            if old is not None:
+                # Other threads may still be in it: closed with the transport.
+                self._retired.append(old)
+        return True
 
     def request(
         self,
