@@ -244,23 +244,44 @@ def cpu_jiffies() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+def cpu_seconds(host: Host) -> float:
+    """CPU time used so far by the processes of one host (and their children that ended)."""
+    ticks = 0
+    for pid in host.pids():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass(frozen=True)
 class Run:
     rate: float  # images per second, first sync's start to last sync's end
     busy: float  # share of the machine's CPU time in use meanwhile (every process, not only ferry's)
+    cores: dict[str, float]  # CPU seconds per wall second, by role: workers, registries, redis
 
 
 def measure(hosts: Hosts, n: int) -> Run:
     hosts.fresh()
     hosts.start_workers(WORKER_HOSTS[:n])
-    before = cpu_jiffies()
+    roles = {"workers": WORKER_HOSTS[:n], "registries": ("src", "dst"), "redis": ("redis",)}
+
+    def used() -> dict[str, float]:
+        return {role: sum(cpu_seconds(hosts.net.hosts[h]) for h in names) for role, names in roles.items()}
+
+    before, machine_before = used(), cpu_jiffies()
     code, out = finish(hosts.enqueue(), 180)
-    after = cpu_jiffies()
+    after, machine_after = used(), cpu_jiffies()
     assert code == 0, out
     results = hosts.assert_all_copied(hosts.batch()).values()
     start = min(r["first_started_at"] or r["started_at"] for r in results)
     end = max(r["started_at"] + r["duration_s"] for r in results)
-    return Run(len(results) / (end - start), (after[0] - before[0]) / max(1, after[1] - before[1]))
+    busy = (machine_after[0] - machine_before[0]) / max(1, machine_after[1] - machine_before[1])
+    # Over the batch's span: the producer's own start and wait are not the cluster's work.
+    return Run(len(results) / (end - start), busy, {k: (after[k] - before[k]) / (end - start) for k in roles})
 
 
 @pytest.mark.measure
@@ -269,8 +290,9 @@ def test_throughput_with_one_two_and_three_worker_hosts(hosts: Hosts) -> None:
     print(f"\nscaling across worker hosts ({IMAGES} images of 2 x 16 KiB layers, {CONCURRENCY} processes per host, "
           f"source {2 * DELAY_MS} ms away, destination over TLS, {len(os.sched_getaffinity(0))} cores):")
     for n, run in runs.items():
-        print(f"  {n} worker host(s), {n * CONCURRENCY} processes: {run.rate:5.1f} images/s  "
-              f"({run.rate / runs[1].rate:.2f}x one host), CPU {run.busy:4.0%} busy")
+        shares = ", ".join(f"{role} {c:.2f}" for role, c in run.cores.items())
+        print(f"  {n} worker host(s), {n * CONCURRENCY} processes: {run.rate:5.1f} images/s "
+              f"({run.rate / runs[1].rate:.2f}x one host); cores used: {shares}; machine {run.busy:.0%} busy")
     for n in (2, 3):
         assert runs[n].rate * SLOWDOWN_BOUND >= runs[1].rate, \
             f"{n} hosts ran {runs[1].rate / runs[n].rate:.2f}x slower than 1"
