@@ -128,6 +128,12 @@ class Registry:
     def log(self) -> str:
         return (self.root / "registry.log").read_text(errors="replace")
 
+    def failed_handshakes(self) -> list[str]:
+        """TLS handshakes it refused (a plain HTTP request, an unknown CA, a missing client certificate);
+        a connection closed before any handshake (a port probe) does not count."""
+        return [line for line in self.log().splitlines()
+                if "TLS handshake error" in line and not line.rstrip().endswith(": EOF")]
+
     # Direct, unauthenticated reads for assertions (tests only).
     def manifest_digest(self, repo: str, ref: str, client: httpx.Client | None = None) -> str | None:
         accept = ", ".join(

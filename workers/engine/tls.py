@@ -71,22 +71,24 @@ def client_context(config: TlsConfig | None = None) -> ssl.SSLContext:
 def _build(config: TlsConfig) -> ssl.SSLContext:
     ctx = httpx.create_ssl_context(verify=True)
     if config.ca_file:
+        # ssl.SSLError is an OSError: caught first.
         try:
             ctx.load_verify_locations(cafile=config.ca_file)
-        except OSError as e:
-            raise ValueError(f"cannot read ca_file {config.ca_file}: {e.strerror or e}") from None
         except ssl.SSLError as e:
             raise ValueError(f"ca_file {config.ca_file} holds no usable PEM certificate ({e.reason or e})") from None
+        except OSError as e:
+            raise ValueError(f"cannot read ca_file {config.ca_file}: {e.strerror or e}") from None
     if config.client_cert:
         try:
             ctx.load_cert_chain(config.client_cert, config.client_key)
+        except ssl.SSLError as e:
+            key = f"client_key {config.client_key}" if config.client_key else "its key"
+            raise ValueError(f"client_cert {config.client_cert} and {key} do not make a usable "
+                             f"certificate chain ({e.reason or e})") from None
         except OSError as e:
             where = f"client_cert {config.client_cert}" + (f" / client_key {config.client_key}"
                                                             if config.client_key else "")
             raise ValueError(f"cannot read {where}: {e.strerror or e}") from None
-        except ssl.SSLError as e:
-            raise ValueError(f"client_cert {config.client_cert} and its key do not make a usable "
-                             f"certificate chain ({e.reason or e})") from None
     if config.insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
