@@ -227,7 +227,7 @@ def test_unusable_tls_files_are_named_with_their_registry(case: str, ca: Private
     files = {"ca_file": str(ca.ca_file), "client_cert": str(client.cert), "client_key": str(client.key)}
     expected = {
         "missing client_cert": ("client_cert", str(tmp_path / "none.crt"), "cannot read client_cert"),
-        "missing client_key": ("client_key", str(tmp_path / "none.key"), "cannot read client_cert"),
+        "missing client_key": ("client_key", str(tmp_path / "none.key"), "cannot read client_key"),
         "key of another certificate": ("client_key", str(other.key), "do not make a usable certificate chain"),
         "not a certificate": ("ca_file", str(client.key), "holds no usable PEM certificate"),
     }

@@ -79,6 +79,13 @@ def _build(config: TlsConfig) -> ssl.SSLContext:
         except OSError as e:
             raise ValueError(f"cannot read ca_file {config.ca_file}: {e.strerror or e}") from None
     if config.client_cert:
+        # Opened one by one first, so the message names the file that is missing.
+        for name, path in (("client_cert", config.client_cert), ("client_key", config.client_key)):
+            if path:
+                try:
+                    open(path, "rb").close()
+                except OSError as e:
+                    raise ValueError(f"cannot read {name} {path}: {e.strerror or e}") from None
         try:
             ctx.load_cert_chain(config.client_cert, config.client_key)
         except ssl.SSLError as e:
