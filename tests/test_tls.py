@@ -207,6 +207,7 @@ def env(tmp_path: Path) -> Iterator[dict[str, str]]:
     yield ferry_env(None, tmp_path)
 
 
+@pytest.mark.slow  # a real worker process (seconds to start): with the end-to-end suites
 def test_a_missing_tls_file_stops_a_worker_as_bad_input(env: dict[str, str], ca: PrivateCA, tmp_path: Path) -> None:
     client = ca.client()
     missing = tmp_path / "nowhere" / "ca.pem"
@@ -240,6 +241,7 @@ def test_unusable_tls_files_are_named_with_their_registry(case: str, ca: Private
     assert path in str(e.value)
 
 
+@pytest.mark.slow  # a real worker process (seconds to start): with the end-to-end suites
 def test_a_missing_ca_file_stops_a_standalone_run_as_bad_input(env: dict[str, str], tmp_path: Path) -> None:
     missing = tmp_path / "ca.pem"
     env["FERRY_REGISTRIES"] = json.dumps({"r.example:5443": {"ca_file": str(missing)}})
@@ -258,6 +260,7 @@ def test_a_client_key_without_a_certificate_is_bad_input(env: dict[str, str], tm
     assert "FERRY_REGISTRIES__R.EXAMPLE:5443" in p.stderr and "client_key is set without client_cert" in p.stderr
 
 
+@pytest.mark.slow  # a real worker process (seconds to start): with the end-to-end suites
 def test_settings_flow_from_the_environment_to_a_real_worker(
         src: Registry, image: Image, make_registry: Callable[..., Registry], ca: PrivateCA, env: dict[str, str],
         tmp_path: Path) -> None:
