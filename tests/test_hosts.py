@@ -73,7 +73,12 @@ class Hosts:
         return f"{self.net.hosts['src'].address}:{SRC_PROXY_PORT}"
 
     def redis(self) -> redis.Redis[bytes]:
+        """A new client; the caller closes it."""
         return redis.Redis.from_url(self.broker_url, socket_timeout=10)
+
+    def redis_answers(self) -> bool:
+        with self.redis() as r:
+            return bool(r.ping())
 
     def env(self, **extra: str) -> dict[str, str]:
         registries = {self.source: {"insecure": True}, self.dst.host: {"ca_file": str(self.ca.ca_file)}}
@@ -175,7 +180,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
                           "--requirepass", REDIS_PASSWORD, "--save", "", "--appendonly", "no",
                           "--dir", str(tmp)], tmp / "redis.log")
         h = Hosts(net, tmp, ca, src, dst)
-        wait_until(lambda: bool(h.redis().ping()), 15, "redis on its host")
+        wait_until(h.redis_answers, 15, "redis on its host")
         # The corpus goes straight into the source registry (not through the delay).
         with Pusher(src.url) as pusher:
             h.images = [push_image(pusher, f"corp/app{i:02d}", layers=2, layer_size=16 * 1024, base=1,
