@@ -30,7 +30,7 @@ from tests.support.workers import ROOT, ferry_env, run_producer
 from workers import runtime
 from workers.engine.keychain import Credential, StaticKeychain
 from workers.engine.registry import RegistryEngine, RegistryOptions
-from workers.engine.tls import TlsConfig
+from workers.engine.tls import TlsConfig, TlsPolicy, client_context
 
 # A certificate failure must come back at once, not after the retry budget (6 attempts with backoff).
 FAST_FAILURE_S = 3.0
@@ -198,6 +198,16 @@ def test_a_token_realm_on_another_host_is_verified_with_that_hosts_settings(
         assert result.status == "synced", result.error
         assert ts.issued(), "no token was issued over TLS"
         assert result.destinations[0].digest == image.digest
+
+
+def test_one_context_per_distinct_tls_setting(ca: PrivateCA) -> None:
+    same = TlsConfig(ca_file=str(ca.ca_file))
+    policy = TlsPolicy({"a.example:5443": same, "b.example:5443": TlsConfig(ca_file=str(ca.ca_file)),
+                        "c.example:5443": TlsConfig(ca_file=str(ca.ca_file), insecure=True)})
+    assert policy.context("a.example:5443") is policy.context("b.example:5443")
+    assert policy.context("c.example:5443") is not policy.context("a.example:5443")
+    # Hosts without settings, token realms among them, share the default context.
+    assert policy.context("auth.example.com") is policy.context("registry.example.com") is client_context()
 
 
 # ---- entry points: settings from the environment -------------------------------------------------
