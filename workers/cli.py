@@ -1,4 +1,4 @@
-"""``python -m workers``: start a worker, Flower, or a one-off cleanup on this node."""
+"""``python -m workers``: start a worker, Flower, beat, a one-off cleanup, or a health probe on this node."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import warnings
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 
 from config.reference import host_is_loopback
@@ -20,7 +21,7 @@ from workers.app import configure
 from workers.beat import ScheduleError, load_schedules, run_beat
 from workers.engine.keychain import docker_config_file
 from workers.metrics import Recorder
-from workers.presence import make_presence_step
+from workers.presence import ONLINE_WINDOW, Presence, make_presence_step
 from workers.upkeep import make_upkeep_step
 
 USAGE_ERROR = 2
@@ -57,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("cleanup", help="apply this node's disk policy once and print what was freed")
     sub.add_parser("beat", help="run the schedules of FERRY_SCHEDULES and FERRY_SCHEDULE_FILE "
                    "(several beats may run: each run fires once)")
+    hc = sub.add_parser("health", help="exit 0 when the broker answers (container and pod probes)")
+    hc.add_argument("--worker", action="store_true",
+                    help="also require a worker of this node (FERRY_NODE) to have reported in recently")
     return p
 
 
@@ -83,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if settings.broker_url is None:
         return _fail("FERRY_BROKER_URL is not set (e.g. redis://:password@redis-host:6379/0)")
+    if args.command == "health":
+        return _health(settings.broker_url.get_secret_value(), settings.node if args.worker else None)
     schedules: list[Schedule] = []
     if args.command == "beat":
         try:
@@ -126,6 +132,26 @@ def main(argv: list[str] | None = None) -> int:
         "--without-gossip", "--without-mingle",
         "--task-events",
     ])
+    return 0
+
+
+def _health(broker_url: str, node: str | None) -> int:
+    """0 when the broker answers a PING and, for ``node``, one of its workers reported in within
+    the presence window (a worker whose event loop hangs stops reporting); 1 otherwise, with why."""
+    presence = Presence.from_url(broker_url)
+    try:
+        presence.client.ping()
+        if node is not None and node not in presence.online_nodes():
+            print(f"ferry health: no worker of node {node!r} reported in within {ONLINE_WINDOW:.0f} s",
+                  file=sys.stderr)
+            return 1
+    except redis.RedisError as e:
+        # The error names host and port, never the password.
+        print(f"ferry health: broker unreachable: {e}", file=sys.stderr)
+        return 1
+    finally:
+        presence.close()
+    print("ok")
     return 0
 
 

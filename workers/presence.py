@@ -52,6 +52,10 @@ class Presence:
         now = time.time() if now is None else now
         return int(self.client.zcount(KEY, now - ONLINE_WINDOW, "+inf"))
 
+    def online_nodes(self, now: float | None = None) -> set[str]:
+        now = time.time() if now is None else now
+        return {node_of(m.decode()) for m in self.client.zrangebyscore(KEY, now - ONLINE_WINDOW, "+inf")}
+
     def nodes(self) -> list[str]:
         """Every node seen within the last day."""
         return sorted({node_of(m.decode()) for m in self.client.zrange(KEY, 0, -1)})
