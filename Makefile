@@ -9,7 +9,7 @@ WORKERS ?= 2
 CONCURRENCY ?= 4
 
 .PHONY: venv run worker flower beat test test-fast test-slow test-faults test-docker test-cluster measure \
-	test-metrics test-schedules test-selectors test-hosts measure-hosts lint fmt bench clean
+	test-metrics test-schedules test-selectors test-hosts measure-hosts test-deploy lint fmt bench clean
 
 venv: .venv/.stamp
 .venv/.stamp: pyproject.toml
@@ -37,7 +37,7 @@ test: venv
 	$(PYTEST) -q -p no:cacheprovider
 
 test-fast: venv
-	$(PYTEST) -q -m "not slow and not faults and not docker and not cluster and not metrics and not schedules and not selectors and not hosts"
+	$(PYTEST) -q -m "not slow and not faults and not docker and not cluster and not metrics and not schedules and not selectors and not hosts and not deploy"
 
 test-slow: venv
 	$(PYTEST) -q -m slow
@@ -71,6 +71,10 @@ test-hosts: venv
 ## The scaling curve across 1, 2 and 3 worker hosts that the README reports.
 measure-hosts: venv
 	$(PYTEST) -q -s -p no:cacheprovider -m "hosts and measure"
+
+## The image, compose file, Kubernetes manifests and systemd unit, for real (prints each phase's time).
+test-deploy: venv
+	$(PYTEST) -q -m deploy
 
 lint: venv
 	$(PY) -m ruff check config contract producer workers tests
