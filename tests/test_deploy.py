@@ -103,8 +103,10 @@ def test_image_runs_a_worker_that_mirrors_digest_exact(
         # The final stage is the base plus one layer (the venv, the user, its home).
         assert len(image["RootFS"]["Layers"]) == 2, image["RootFS"]["Layers"]
 
-        # Docker runs the image's own HEALTHCHECK; only its timing is shortened here.
-        docker_cli(dockerd, "run", "-d", "--name", name, "--network", "host",
+        # Docker runs the image's own HEALTHCHECK; only its timing is shortened here. Read-only root and
+        # writable /tmp and cache, as the Kubernetes manifests run it.
+        docker_cli(dockerd, "run", "-d", "--name", name, "--network", "host", "--read-only",
+                   "--tmpfs", "/tmp", "--tmpfs", f"/var/lib/ferry/cache:uid={FERRY_UID}",
                    "--health-interval", "2s", "--health-start-period", "0s", "--health-retries", "1",
                    "-e", f"FERRY_BROKER_URL={broker.url}", "-e", "FERRY_NODE=imaged",
                    "-e", "FERRY_RETRY__BASE_DELAY=0.1",
@@ -128,22 +130,19 @@ def test_image_runs_a_worker_that_mirrors_digest_exact(
                    "docker's HEALTHCHECK to pass")
         ok = docker_cli(dockerd, "exec", name, "python", "-m", "workers", "health", "--worker")
         assert ok.stdout.strip() == "ok"
-        bad = subprocess.run(["docker", "-H", dockerd.host, "exec", "-e",
-                              f"FERRY_BROKER_URL=redis://:wrong-{password[:4]}@127.0.0.1:{broker.port}/0", name,
-                              "python", "-m", "workers", "health"], capture_output=True, text=True, timeout=60)
+        bad = docker_cli(dockerd, "exec", "-e",
+                         f"FERRY_BROKER_URL=redis://:wrong-{password[:4]}@127.0.0.1:{broker.port}/0", name,
+                         "python", "-m", "workers", "health", check=False)
         assert bad.returncode == 1 and "broker unreachable" in bad.stderr, bad.stderr
         assert f"wrong-{password[:4]}" not in bad.stderr
-        gone = subprocess.run(["docker", "-H", dockerd.host, "exec", "-e", "FERRY_NODE=elsewhere", name,
-                               "python", "-m", "workers", "health", "--worker"],
-                              capture_output=True, text=True, timeout=60)
+        gone = docker_cli(dockerd, "exec", "-e", "FERRY_NODE=elsewhere", name,
+                          "python", "-m", "workers", "health", "--worker", check=False)
         assert gone.returncode == 1 and "no worker of node 'elsewhere'" in gone.stderr
 
         # No build tools left in: no pip, no compiler.
-        assert subprocess.run(["docker", "-H", dockerd.host, "exec", name, "python", "-m", "pip", "--version"],
-                              capture_output=True, timeout=60).returncode != 0
-        assert subprocess.run(["docker", "-H", dockerd.host, "exec", name, "sh", "-c",
-                               "command -v gcc || command -v cc || command -v make"],
-                              capture_output=True, timeout=60).returncode != 0
+        assert docker_cli(dockerd, "exec", name, "python", "-m", "pip", "--version", check=False).returncode != 0
+        assert docker_cli(dockerd, "exec", name, "sh", "-c", "command -v gcc || command -v cc || command -v make",
+                          check=False).returncode != 0
 
         # SIGTERM is Celery's warm shutdown: the worker leaves cleanly (exit 0).
         with ferry_images.phases.phase("image: docker stop (warm shutdown)"):
@@ -152,7 +151,7 @@ def test_image_runs_a_worker_that_mirrors_digest_exact(
         logs = docker_cli(dockerd, "logs", name)
         assert "Warm shutdown" in logs.stdout + logs.stderr, (logs.stdout + logs.stderr)[-3000:]
     finally:
-        subprocess.run(["docker", "-H", dockerd.host, "rm", "-f", name], capture_output=True, timeout=120)
+        docker_cli(dockerd, "rm", "-f", name, check=False)
         broker.stop()
 
 

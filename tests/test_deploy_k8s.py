@@ -152,6 +152,7 @@ def test_ferry_containers_use_real_settings_one_image_and_the_health_probe(rende
         assert "FERRY_BROKER_URL" in names, owner
         assert c["readinessProbe"]["exec"]["command"] == HEALTH, owner
         assert c["securityContext"]["allowPrivilegeEscalation"] is False, owner
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True, owner
     assert not setting_exists("FERRY_CACHE__NO_SUCH") and not setting_exists("FERRY_NO_SUCH")
     worker = dict(containers)["ferry-worker"]
     assert worker["livenessProbe"]["exec"]["command"] == [*HEALTH, "--worker"]
