@@ -31,7 +31,8 @@ from tests.support.redis import RedisServer
 from tests.support.registry import Registry
 from tests.support.workers import ROOT, ferry_env
 
-pytestmark = pytest.mark.deploy
+# The first test to run also builds the image (and, on a fresh machine, debootstraps its base).
+pytestmark = [pytest.mark.deploy, pytest.mark.timeout(900)]
 
 FERRY_UID = 10001
 

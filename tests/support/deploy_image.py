@@ -107,7 +107,7 @@ def rootfs_tarballs(phases: Phases) -> Tarballs:
     with open(CACHE_DIR / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if out.base.exists() and out.redis.exists():
-            phases.seconds["debootstrap"] = 0.0
+            phases.seconds.setdefault("debootstrap (cached)", 0.0)
             return out
         if not shutil.which("debootstrap"):
             raise RuntimeError("debootstrap is not installed (apt-get install debootstrap)")
@@ -158,9 +158,8 @@ def docker_cli(daemon: Dockerd, *args: str, timeout: float = 600, check: bool = 
     return r
 
 
-def build_image(daemon: Dockerd, phases: Phases) -> str:
+def build_image(daemon: Dockerd, tars: Tarballs, phases: Phases) -> str:
     """Import the base and build ``deploy/Dockerfile`` on it; returns the image tag."""
-    tars = rootfs_tarballs(phases)
     base = f"ferry-test-base:{base_key()}"
     with phases.phase("import base"):
         docker_cli(daemon, "import", str(tars.base), base)
@@ -187,11 +186,11 @@ class BuiltImages:
     phases: Phases
 
 
-def redis_image(daemon: Dockerd, phases: Phases) -> str:
+def redis_image(daemon: Dockerd, tars: Tarballs, phases: Phases) -> str:
     """Debian's redis-server on the same base, standing in for the official redis image."""
     tag = f"ferry-test-redis:{base_key()}"
     with phases.phase("import redis"):
-        docker_cli(daemon, "import", str(rootfs_tarballs(phases).redis), tag)
+        docker_cli(daemon, "import", str(tars.redis), tag)
     return tag
 
 
@@ -213,5 +212,5 @@ def ferry_images(dockerd: Dockerd, request: pytest.FixtureRequest) -> BuiltImage
         pytest.skip("debootstrap is not installed (apt-get install debootstrap); CI installs it")
     phases = Phases()
     request.config.pluginmanager.register(PhaseReport(phases), "ferry-deploy-phases")
-    ferry = build_image(dockerd, phases)
-    return BuiltImages(ferry, redis_image(dockerd, phases), phases)
+    tars = rootfs_tarballs(phases)
+    return BuiltImages(build_image(dockerd, tars, phases), redis_image(dockerd, tars, phases), phases)
