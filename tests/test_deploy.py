@@ -257,7 +257,7 @@ def test_compose_cluster_survives_a_redis_restart_and_a_down_up(
     # A batch from the host, slowed at the source so Redis restarts while it runs.
     imgs = corpus(src_pusher, 12, "cmp")
     proxy: FaultProxy = make_fault_proxy(src.host)
-    proxy.add_rule(Rule(delay(0.6), method="GET", path_re=r"/cmp/[^/]+/manifests/"))
+    proxy.add_rule(Rule(delay(1.2), method="GET", path_re=r"/cmp/[^/]+/manifests/"))
     env = ferry_env(compose.redis_url, tmp_path)
     run = enqueue(env, tmp_path, [f"{proxy.host}/{i.repo}:{i.tag}" for i in imgs], f"{dst.host}/mirror")
     with compose.client() as c:
