@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 # Fixtures that live beside the service they start.
-from tests.support.deploy_image import ferry_images  # noqa: F401
+from tests.support.deploy_image import deploy_dockerd, ferry_images  # noqa: F401
 from tests.support.dockerd import dockerd  # noqa: F401
 from tests.support.faultproxy import make_fault_proxy  # noqa: F401
 from tests.support.images import Pusher

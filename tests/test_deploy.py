@@ -90,8 +90,9 @@ def process_uid(pid: int) -> int:
 # ---- the image ---------------------------------------------------------------------------------
 
 def test_image_runs_a_worker_that_mirrors_digest_exact(
-        ferry_images: BuiltImages, dockerd: Dockerd, src: Registry, dst: Registry, src_pusher: Pusher,
+        ferry_images: BuiltImages, deploy_dockerd: Dockerd, src: Registry, dst: Registry, src_pusher: Pusher,
         tmp_path: Path) -> None:
+    dockerd = deploy_dockerd
     password = secrets.token_hex(12)
     broker = RedisServer(tmp_path / "redis", password=password).start()
     name = f"ferry-worker-{os.getpid()}"
@@ -200,7 +201,8 @@ class Compose:
 
 
 @pytest.fixture
-def compose(ferry_images: BuiltImages, dockerd: Dockerd, tmp_path: Path) -> Iterator[Compose]:
+def compose(ferry_images: BuiltImages, deploy_dockerd: Dockerd, tmp_path: Path) -> Iterator[Compose]:
+    dockerd = deploy_dockerd
     if shutil.which("docker-compose") is None:
         pytest.skip("docker-compose is not installed (apt-get install docker-compose); CI installs it")
     project = f"ferryt{os.getpid()}{secrets.token_hex(2)}"

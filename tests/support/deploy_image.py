@@ -206,11 +206,25 @@ class PhaseReport:
 
 
 @pytest.fixture(scope="session")
-def ferry_images(dockerd: Dockerd, request: pytest.FixtureRequest) -> BuiltImages:
-    """The ferry image (built once per session) and the Redis image, on the session's dockerd."""
+def deploy_dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd]:
+    """A daemon of the deploy suite's own: its build cache, images and volumes stay out of the way of
+    the docker engine tests, which count the dangling images and build cache their cleanups prune."""
+    if not shutil.which("dockerd"):
+        pytest.skip("dockerd is not installed (apt-get install docker.io); CI installs it")
+    if os.geteuid() != 0:
+        pytest.skip("dockerd needs root")
+    daemon = Dockerd(tmp_path_factory.mktemp("deploy-dockerd")).start()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def ferry_images(deploy_dockerd: Dockerd, request: pytest.FixtureRequest) -> BuiltImages:
+    """The ferry image (built once per session) and the Redis image, on the deploy suite's dockerd."""
     if not shutil.which("debootstrap"):
         pytest.skip("debootstrap is not installed (apt-get install debootstrap); CI installs it")
     phases = Phases()
     request.config.pluginmanager.register(PhaseReport(phases), "ferry-deploy-phases")
     tars = rootfs_tarballs(phases)
-    return BuiltImages(build_image(dockerd, tars, phases), redis_image(dockerd, tars, phases), phases)
+    return BuiltImages(build_image(deploy_dockerd, tars, phases), redis_image(deploy_dockerd, tars, phases),
+                       phases)
