@@ -73,6 +73,8 @@ class SyncResult(BaseModel):
     first_started_at: float = 0.0
     # Images the docker engine left in its daemon; the chained cleanup removes them.
     local_refs: list[str] = Field(default_factory=list)
+    # The registry engine copied through the node's blob cache: a cleanup follows (else none does).
+    used_disk: bool = False
     cleanup_task_id: str | None = None
 
     @property

@@ -80,9 +80,16 @@ def test_flower_names_results_and_reasons(
     def ended() -> list[str]:
         return sorted(str(t["name"]) for t in tasks().values() if t["state"] in ("SUCCESS", "FAILURE"))
 
-    syncs = [f"sync {src.host}/apps/{name}" for name in ("api:v1", "api:v9.9", "same:v1", "same:v1")]
-    expected = sorted(syncs + [f"cleanup node-a after {s}" for s in syncs])
-    wait_until(lambda: ended() == expected, 30, "flower saw every sync and cleanup end")
+    def succeeded() -> int:
+        """What Flower's workers page counts for node-a: task-succeeded events, cleanups included."""
+        workers = httpx.get(f"{base}/workers?json=1", auth=FLOWER_AUTH, timeout=10).json()["data"]
+        return sum(int(w.get("task-succeeded", 0)) for w in workers if str(w["hostname"]).startswith("node-a@"))
+
+    # Single-destination syncs stream registry to registry: nothing on disk, so no cleanup follows
+    # them, and the worker counts exactly the syncs that succeeded.
+    syncs = sorted(f"sync {src.host}/apps/{name}" for name in ("api:v1", "api:v9.9", "same:v1", "same:v1"))
+    wait_until(lambda: ended() == syncs, 30, "flower saw every sync end")
+    assert succeeded() == 3
     by_name = {str(t["name"]): t for t in tasks().values()}
     synced = by_name[f"sync {src.host}/apps/api:v1"]
     assert synced["state"] == "SUCCESS"
@@ -97,12 +104,6 @@ def test_flower_names_results_and_reasons(
     assert failed["traceback"] is None
     stored = httpx.get(f"{base}/api/task/result/{failed['uuid']}", auth=FLOWER_AUTH, timeout=10).json()
     assert stored["state"] == "FAILURE" and not stored.get("traceback"), stored
-    cleanups = [n for n in by_name if n.startswith("cleanup ")]
-    assert f"cleanup node-a after sync {src.host}/apps/api:v1" in cleanups
-    assert all(n.startswith("cleanup node-a after sync ") for n in cleanups), cleanups
-    cleanup = by_name[f"cleanup node-a after sync {src.host}/apps/api:v1"]
-    assert str(cleanup["result"]).startswith("{'summary': '"), cleanup
-
     # The task list's columns include what ran and how it ended.
     page = httpx.get(f"{base}/tasks", auth=FLOWER_AUTH, timeout=10).text
     columns = re.findall(r'<th data-column="(\w+)"', page)
@@ -114,6 +115,20 @@ def test_flower_names_results_and_reasons(
     wait_until(lambda: sorted(str(t["state"]) for t in tasks().values()
                               if t["name"] == f"sync {src.host}/apps/api:v9.9") == ["FAILURE", "SUCCESS"], 30,
                "flower to show both attempts")
+
+    # Two destinations go through the node cache: that sync, and only that one, is followed by a
+    # cleanup, shown under the image it cleaned up after.
+    two = c.listing([f"{src.host}/apps/api:v1"])
+    assert c.producer("enqueue", str(two), "--target", f"{dst.host}/copy-a", "--target", f"{dst.host}/copy-b",
+                      "--wait").returncode == 0
+    cleanup_name = f"cleanup node-a after sync {src.host}/apps/api:v1"
+    wait_until(lambda: ended().count(cleanup_name) == 1, 30, "flower saw the cleanup end")
+    cleanups = [str(t["name"]) for t in tasks().values() if str(t["name"]).startswith("cleanup ")]
+    assert cleanups == [cleanup_name], cleanups
+    cleanup = next(t for t in tasks().values() if t["name"] == cleanup_name)
+    assert str(cleanup["result"]).startswith("{'summary': '"), cleanup
+    # The dashboard counts the five syncs that succeeded and the one cleanup, not a cleanup per sync.
+    wait_until(lambda: succeeded() == 6, 30, "flower to count the cleanup")
 
     # A queued task reads the same before any worker has it.
     c.worker("node-a").stop()

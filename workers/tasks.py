@@ -150,7 +150,7 @@ def sync_image(self: Task, job: dict[str, Any], first_started_at: float | None =
         "task_id": task_id, "node": s.node, "line": j.line, "engine": j.engine,
         "started_at": started, "duration_s": time.time() - started,
         "attempts": attempt + 1, "first_started_at": first_started_at or started,
-        "cleanup_task_id": _chain_cleanup(j, task_id, s.node, result.local_refs),
+        "cleanup_task_id": _chain_cleanup(j, task_id, s.node, result.local_refs) if _left_on_disk(result) else None,
     })
     if result.status == "failed" and result.temporary and crash is None and attempt < s.task_max_retries:
         countdown = retry_delay(attempt, s.task_retry_delay)
@@ -175,8 +175,16 @@ def sync_image(self: Task, job: dict[str, Any], first_started_at: float | None =
     return describe.flower_result(result)
 
 
+def _left_on_disk(result: SyncResult) -> bool:
+    """Images the docker engine pulled, or blobs the registry engine copied through the node cache.
+    A sync that streamed registry to registry leaves nothing: a cleanup after it would only cost a
+    second task per image (the periodic cleanup still runs)."""
+    return bool(result.local_refs) or result.used_disk
+
+
 def _chain_cleanup(job: SyncJob, task_id: str, node: str, remove: list[str]) -> str | None:
-    """Follow every sync with a cleanup on this node's own queue, so it runs where the disk filled."""
+    """Follow a sync that used the disk with a cleanup on this node's own queue, so it runs where
+    the disk filled."""
     try:
         sent = cleanup.apply_async(
             kwargs={"engine": job.engine, "batch_id": job.batch_id, "for_task": task_id, "remove": remove},

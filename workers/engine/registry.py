@@ -134,11 +134,22 @@ class RegistryEngine:
         except RegistryError as exc:
             exc.with_reference(src)
             log.debug("sync of %s failed: %s", src, exc)  # the task layer logs the outcome once
-            return sync_result(job, self.name, failures=[exc], warnings=self._warnings(src))
-        return sync_result(job, self.name, failures=list(outcome.failures.values()),
-                           destinations=outcome.destinations, source_digest=outcome.source_digest,
-                           bytes_downloaded=outcome.bytes_downloaded, bytes_uploaded=outcome.bytes_uploaded,
-                           warnings=self._warnings(src))
+            failed = sync_result(job, self.name, failures=[exc], warnings=self._warnings(src))
+            # Blobs committed to the cache before the failure stay there until a cleanup.
+            failed.used_disk = self._caches(len(dsts))
+            return failed
+        result = sync_result(job, self.name, failures=list(outcome.failures.values()),
+                             destinations=outcome.destinations, source_digest=outcome.source_digest,
+                             bytes_downloaded=outcome.bytes_downloaded, bytes_uploaded=outcome.bytes_uploaded,
+                             warnings=self._warnings(src))
+        if result.status != "up_to_date" and self._caches(len(dsts)):
+            result.used_disk = True
+        return result
+
+    def _caches(self, destinations: int) -> bool:
+        """Whether a copy to this many destinations goes through the node cache (see copy_image)."""
+        return self.cache is not None and self.options.use_cache and (
+            self.options.cache_single_target or destinations > 1)
 
     def cleanup(self, remove: Sequence[str] = ()) -> CleanupStats:
         """Apply the cache policy; the registry engine leaves no local images to ``remove``."""
