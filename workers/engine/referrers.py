@@ -9,12 +9,22 @@ Every referrer is pushed byte for byte, so signatures still verify at the destin
 destination without the API also gets the tag schema index (the source's own bytes when it
 had one and the destination held nothing else), so tools that look there find them.
 Referrers of referrers are not followed.
+
+The tag schema and cosign's tags are found in the repository's tag list, read once per
+repository per batch in each worker process (``scope``), instead of four HEADs per subject
+digest, almost all answered 404: a warm image costs no referrer request at all where the
+registry lacks the API. The trade-off: a signature pushed to the source while a batch runs is
+seen by the next batch, not necessarily by this one (as if the image had been copied before it
+was signed). Repositories with more than ``LISTED_TAGS_LIMIT`` tags, registries that refuse the
+listing, and callers without a scope fall back to the HEADs.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -39,6 +49,7 @@ from workers.engine.manifests import (
     sha256_digest,
 )
 from workers.engine.protocols import ProgressFn
+from workers.engine.tags import list_tags_upto
 from workers.engine.transport import RegistryTransport
 
 log = logging.getLogger(__name__)
@@ -48,6 +59,11 @@ COSIGN_SUFFIXES = (".sig", ".att", ".sbom")
 _REFERENCE_TYPE = "vnd.docker.reference.type"
 # A referrers listing longer than this many pages is not a listing.
 MAX_PAGES = 32
+# Beyond this many tags, listing a repository costs more than the HEADs it saves.
+LISTED_TAGS_LIMIT = 5000
+LISTED_PAGE_SIZE = 1000
+# Repositories whose listing a worker process remembers (the most recent batches' ones).
+LISTED_REPOSITORIES = 512
 
 
 @dataclass
@@ -102,30 +118,68 @@ class ReferrerCopier:
         self.executor = executor
         # Registries that answered 404 to the referrers API: asked once per process.
         self._no_api: set[str] = set()
+        # (scope, registry, repository) -> its ``sha256-…`` tags, or None: not listable, ask by HEAD.
+        self._schema_tags: OrderedDict[tuple[str, str, str], frozenset[str] | None] = OrderedDict()
+        self._listing: dict[tuple[str, str, str], threading.Lock] = {}
+        self._lock = threading.Lock()
 
     # -- the source -----------------------------------------------------------------
 
-    def find(self, src: Reference, digests: Sequence[str]) -> list[Found]:
-        """Every subject's referrers, looked up together (HEADs for cosign's tags are free of quota)."""
-        listings = [self.executor.submit(self._listed, src, d) for d in digests]
+    def find(self, src: Reference, digests: Sequence[str], scope: str | None = None) -> list[Found]:
+        """Every subject's referrers, looked up together (HEADs for cosign's tags are free of quota).
+        With a ``scope`` (a batch), tags the repository's listing lacks are not asked for."""
+        tags = self.schema_tags(src, scope) if scope is not None else None
+
+        def may_exist(tag: str) -> bool:
+            return tags is None or tag in tags
+
+        listings = [self.executor.submit(self._listed, src, d, may_exist(schema_tag(d))) for d in digests]
         cosign = {(d, s): self.executor.submit(head_manifest, self.transport, _tagged(src, schema_tag(d) + s))
-                  for d in digests for s in COSIGN_SUFFIXES}
+                  for d in digests for s in COSIGN_SUFFIXES if may_exist(schema_tag(d) + s)}
         found = []
         for digest, listing in zip(digests, listings, strict=True):
             listed, tag_index = listing.result()
             f = Found(digest, listed, tag_index)
             for suffix in COSIGN_SUFFIXES:
-                head = cosign[digest, suffix].result()
+                head = cosign[digest, suffix].result() if (digest, suffix) in cosign else None
                 if head is not None:
                     f.cosign[schema_tag(digest) + suffix] = head.digest
             found.append(f)
         return found
 
-    def _listed(self, ref: Reference, digest: str) -> tuple[list[dict[str, Any]], Manifest | None]:
+    def schema_tags(self, ref: Reference, scope: str) -> frozenset[str] | None:
+        """The repository's tags that start like a schema or cosign tag, listed once per ``scope``
+        by this process (concurrent callers wait for the first); None when it cannot be listed
+        cheaply."""
+        key = (scope, ref.api_host, ref.repository)
+        with self._lock:
+            if key in self._schema_tags:
+                return self._schema_tags[key]
+            lock = self._listing.setdefault(key, threading.Lock())
+        with lock:
+            with self._lock:
+                if key in self._schema_tags:
+                    return self._schema_tags[key]
+            try:
+                tags = list_tags_upto(self.transport, ref, LISTED_TAGS_LIMIT,
+                                      page_size=LISTED_PAGE_SIZE)
+            except RegistryError as exc:  # denied or odd: the HEADs still work
+                log.debug("%s: tags not listed (%s); looking up referrer tags one by one", ref.name, exc)
+                tags = None
+            found = None if tags is None else frozenset(t for t in tags if t.startswith("sha256-"))
+            with self._lock:
+                self._schema_tags[key] = found
+                while len(self._schema_tags) > LISTED_REPOSITORIES:
+                    self._schema_tags.popitem(last=False)
+                self._listing.pop(key, None)
+            return found
+
+    def _listed(self, ref: Reference, digest: str, tagged: bool = True) -> tuple[list[dict[str, Any]], Manifest | None]:
+        """``tagged``: whether the tag schema's index may exist (False: the tag list lacks it)."""
         listed = self._api(ref, digest)
         if listed is not None:
             return listed, None
-        index = self._tag_index(ref, digest)
+        index = self._tag_index(ref, digest) if tagged else None
         return (_entries(index), index) if index is not None else ([], None)
 
     def _api(self, ref: Reference, digest: str) -> list[dict[str, Any]] | None:
@@ -228,9 +282,11 @@ class ReferrerCopier:
 
 
 def carry_referrers(referrers: ReferrerCopier, src: Reference, dsts: Sequence[Reference], outcome: CopyOutcome,
-                    progress: ProgressFn | None, expect: ProgressFn | None = None, *, use_cache: bool) -> None:
+                    progress: ProgressFn | None, expect: ProgressFn | None = None, *, use_cache: bool,
+                    scope: str | None = None) -> None:
     """After an image copy: bring its referrers to every destination that did not fail, and
-    fold what that did into ``outcome`` (a destination whose referrers fail, fails)."""
+    fold what that did into ``outcome`` (a destination whose referrers fail, fails). ``scope``:
+    the batch, within which a repository's tag list is read once."""
     ok = [d for d in dsts if str(d) not in outcome.failures]
     if not ok or outcome.source_digest is None:
         return
@@ -240,7 +296,7 @@ def carry_referrers(referrers: ReferrerCopier, src: Reference, dsts: Sequence[Re
         # Up to date everywhere, and maybe an index: the destination holds the same bytes, and
         # reading them there costs no source quota.
         root = get_manifest(referrers.transport, ok[0], outcome.source_digest)
-    found = referrers.find(src, subjects(root, outcome.root_built) if root else [outcome.source_digest])
+    found = referrers.find(src, subjects(root, outcome.root_built) if root else [outcome.source_digest], scope)
     if not any(found):
         return
     results = {r.destination: i for i, r in enumerate(outcome.destinations)}

@@ -130,7 +130,8 @@ class RegistryEngine:
                 outcome = plan_copy(self.transport, self._executor, src, dsts, platforms=platforms)
             else:
                 outcome = self._copy_via_mirrors(src, dsts, platforms, progress, expect,
-                                                 referrers=self.options.referrers and job.referrers)
+                                                 referrers=self.options.referrers and job.referrers,
+                                                 scope=job.batch_id)
         except RegistryError as exc:
             exc.with_reference(src)
             log.debug("sync of %s failed: %s", src, exc)  # the task layer logs the outcome once
@@ -161,14 +162,15 @@ class RegistryEngine:
         return [*(src.with_name(m, src.repository) for m in mirrors), src]
 
     def _copy_via_mirrors(self, src: Reference, dsts: list[Reference], platforms: list[Platform],
-                          progress: ProgressFn, expect: ProgressFn | None, *, referrers: bool) -> CopyOutcome:
+                          progress: ProgressFn, expect: ProgressFn | None, *, referrers: bool,
+                          scope: str | None = None) -> CopyOutcome:
         candidates = self.sources(src)
         merged: CopyOutcome | None = None
         pending = dsts
         for i, source in enumerate(candidates):
             last = i == len(candidates) - 1
             try:
-                outcome = self._copy(source, pending, platforms, progress, expect, referrers=referrers)
+                outcome = self._copy(source, pending, platforms, progress, expect, referrers=referrers, scope=scope)
             except RegistryError as exc:
                 if last:
                     raise
@@ -186,13 +188,14 @@ class RegistryEngine:
         raise AssertionError("unreachable")
 
     def _copy(self, src: Reference, dsts: list[Reference], platforms: list[Platform],
-              progress: ProgressFn, expect: ProgressFn | None, *, referrers: bool) -> CopyOutcome:
+              progress: ProgressFn, expect: ProgressFn | None, *, referrers: bool,
+              scope: str | None = None) -> CopyOutcome:
         outcome = copy_image(self.transport, self.blobs, self._executor, src, dsts,
                              platforms=platforms, progress=progress, expect=expect,
                              cache_single_target=self.options.cache_single_target)
         if referrers:
             carry_referrers(self.referrers, src, dsts, outcome, progress, expect,
-                            use_cache=self.options.cache_single_target or len(dsts) > 1)
+                            use_cache=self.options.cache_single_target or len(dsts) > 1, scope=scope)
         return outcome
 
     def _warnings(self, src: Reference) -> list[str]:

@@ -36,6 +36,16 @@ def next_link(header: str | None) -> str | None:
 def list_tags(transport: RegistryTransport, repo: Reference, *, page_size: int = DEFAULT_PAGE_SIZE) -> list[str]:
     """Every tag of ``repo``'s repository, in the registry's order, each once. Raises NotFound
     when the repository does not exist."""
+    tags = list_tags_upto(transport, repo, MAX_TAGS, page_size=page_size)
+    if tags is None:
+        raise RegistryError(f"the tag list does not end (over {MAX_TAGS} tags)", reference=repo.name)
+    return tags
+
+
+def list_tags_upto(transport: RegistryTransport, repo: Reference, limit: int, *,
+                   page_size: int = DEFAULT_PAGE_SIZE) -> list[str] | None:
+    """Like ``list_tags``, but None as soon as the repository turns out to hold more than ``limit``
+    tags (no further pages are asked for)."""
     url = f"/v2/{repo.repository}/tags/list?n={page_size}"
     tags: dict[str, None] = {}
     seen: set[str] = set()
@@ -44,12 +54,13 @@ def list_tags(transport: RegistryTransport, repo: Reference, *, page_size: int =
         r = transport.request("GET", repo.api_host, url, reference=repo.name, what=f"GET tags of {repo.name}")
         for tag in _page(r.content, repo):
             tags[tag] = None
+        if len(tags) > limit:
+            return None
         url_next = next_link(r.headers.get("Link"))
         if url_next is None:
             return list(tags)
-        if url_next in seen or len(tags) > MAX_TAGS:
-            raise RegistryError(f"the tag list does not end (page {url_next} again, or over {MAX_TAGS} tags)",
-                                reference=repo.name)
+        if url_next in seen:
+            raise RegistryError(f"the tag list does not end (page {url_next} again)", reference=repo.name)
         url = url_next
 
 
