@@ -15,13 +15,15 @@ from config.jobs import BatchMeta, CleanupResult, SyncJob, SyncResult, TaskState
 from contract import keys
 from contract.redis_client import redis_client
 
-# HSET unless the field already holds a successful result.
+# HSET unless the field already holds a successful result; a written result's task id goes on the
+# batch's done list (KEYS[2]), which the live view reads from where it left off.
 _KEEP_SUCCESS = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then
   local st = cjson.decode(cur)['status']
   if st == 'synced' or st == 'up_to_date' then return 0 end
 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
 return redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 """
 
@@ -61,7 +63,7 @@ class BatchSnapshot:
 @dataclass(frozen=True)
 class Tally:
     """What the live view polls: results recorded; per unfinished task its state, and bytes
-    moved and expected."""
+    moved and expected. Its size follows the tasks in flight, not the batch's."""
 
     results: int
     moved: dict[str, int]
@@ -70,6 +72,8 @@ class Tally:
     # Expansions reported and jobs they added: the batch grows while these change.
     expanded: int = 0
     added: int = 0
+    # Length of the done list: results written so far (a replaced failure counts again).
+    done: int = 0
 
 
 class BatchStore:
@@ -158,9 +162,13 @@ class BatchStore:
         second delivery of the task ("already up to date", or a late failure) cannot overwrite it."""
         b = result.batch_id
         with self.r.pipeline() as p:
-            p.eval(_KEEP_SUCCESS, 1, keys.batch(b, "results"), result.task_id, result.model_dump_json())
+            p.eval(_KEEP_SUCCESS, 2, keys.batch(b, "results"), keys.batch(b, "done"), result.task_id,
+                   result.model_dump_json())
+            # The result holds the bytes now: what the live view polls shrinks as tasks finish.
             p.hdel(keys.batch(b, "state"), result.task_id)
-            for part in ("results", "progress", "state"):
+            p.hdel(keys.batch(b, "progress"), result.task_id)
+            p.hdel(keys.batch(b, "expected"), result.task_id)
+            for part in ("results", "done"):
                 p.expire(keys.batch(b, part), self.ttl)
             p.execute()
 
@@ -213,10 +221,22 @@ class BatchStore:
             p.hgetall(keys.batch(batch_id, "state"))
             p.hlen(keys.batch(batch_id, "expanded"))
             p.hlen(keys.batch(batch_id, "added"))
-            count, moved, expected, states, expanded, added = p.execute()
+            p.llen(keys.batch(batch_id, "done"))
+            count, moved, expected, states, expanded, added, done = p.execute()
         return Tally(int(count), _ints(moved), _ints(expected),
                      {k.decode(): TaskState.model_validate_json(v) for k, v in states.items()}, int(expanded),
-                     int(added))
+                     int(added), int(done))
+
+    def results_since(self, batch_id: str, offset: int) -> tuple[dict[str, SyncResult | None], int]:
+        """Results written since position ``offset`` of the done list (None: replaced by a
+        ``producer retry``), and the position to ask from next time: what arrived, not the batch."""
+        ids = [t.decode() for t in self.r.lrange(keys.batch(batch_id, "done"), offset, -1)]
+        if not ids:
+            return {}, offset
+        unique = list(dict.fromkeys(ids))
+        raw = self.r.hmget(keys.batch(batch_id, "results"), unique)
+        return ({t: SyncResult.model_validate_json(v) if v else None for t, v in zip(unique, raw, strict=True)},
+                offset + len(ids))
 
     def recent(self, limit: int = 20) -> list[str]:
         return [b.decode() for b in self.r.zrevrange(keys.BATCH_INDEX, 0, limit - 1)]

@@ -3,11 +3,13 @@
 Batches (producer and tasks; all expire after the result TTL):
   ferry:batch:<id>:meta       BatchMeta JSON
   ferry:batch:<id>:results    hash task_id -> SyncResult JSON (final outcome only)
+  ferry:batch:<id>:done       list of task ids in the order their results were written (the live view's cursor)
   ferry:batch:<id>:history    hash task_id -> SyncResult JSON of a failed task ``producer retry`` replaced
   ferry:batch:<id>:added      hash task_id -> SyncJob JSON (jobs expansion tasks added)
   ferry:batch:<id>:expanded   hash expansion task_id -> ExpandResult JSON
-  ferry:batch:<id>:progress   hash task_id -> bytes moved so far
-  ferry:batch:<id>:expected   hash task_id -> bytes the task will move in all, once its manifests are known
+  ferry:batch:<id>:progress   hash task_id -> bytes moved so far, until the result
+  ferry:batch:<id>:expected   hash task_id -> bytes the task will move in all, once its manifests are known,
+                              until the result
   ferry:batch:<id>:state      hash task_id -> TaskState JSON (running, or waiting to retry) until the result
   ferry:batch:<id>:cleanups   hash cleanup task_id -> CleanupResult JSON
   ferry:batches               sorted set of batch ids by creation time

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import redis
@@ -39,22 +39,50 @@ class Volume:
 
 
 def volume(watch: list[str], results: Mapping[str, SyncResult], tally: Tally) -> Volume:
-    moved, known, unknown = 0, [], 0
+    done = Finished()
     for t in watch:
-        r = results.get(t)
-        if r is not None:
-            moved += r.bytes_transferred
-            known.append(r.bytes_transferred)
-        elif t in tally.expected:
-            moved += tally.moved.get(t, 0)
-            known.append(max(tally.expected[t], tally.moved.get(t, 0)))
-        else:
-            moved += tally.moved.get(t, 0)
-            unknown += 1
-    if not sum(known):  # nothing planned that moves bytes yet: no byte total to speak of
-        return Volume(moved, None, False)
-    total = sum(known) + round(sum(known) / len(known) * unknown)
-    return Volume(moved, max(total, moved), unknown > 0)
+        if t in results:
+            done.add(t, results[t])
+    return done.volume(len(watch), set(watch), tally)
+
+
+class Finished:
+    """The watched tasks' results, with their bytes summed as they arrive: the live view's cost
+    per poll follows the tasks in flight, not the batch's size."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, SyncResult] = {}
+        self.bytes = 0
+        self.failed = 0
+
+    def add(self, task_id: str, result: SyncResult | None) -> None:
+        """Record (or replace) a task's result; None forgets it (a retry round replaced it)."""
+        old = self.results.pop(task_id, None)
+        if old is not None:
+            self.bytes -= old.bytes_transferred
+            self.failed -= old.status == "failed"
+        if result is not None:
+            self.results[task_id] = result
+            self.bytes += result.bytes_transferred
+            self.failed += result.status == "failed"
+
+    def volume(self, watched: int, watching: Collection[str], tally: Tally) -> Volume:
+        """Bytes moved and in all; a task without a result counts what the tally says it moved
+        (and expects, once planned)."""
+        moved, known, planned = self.bytes, self.bytes, 0
+        for t, n in tally.moved.items():
+            if t in watching and t not in self.results:
+                moved += n
+        for t, n in tally.expected.items():
+            if t in watching and t not in self.results:
+                known += max(n, tally.moved.get(t, 0))
+                planned += 1
+        known_n = len(self.results) + planned
+        unknown = watched - known_n
+        if not known:  # nothing planned that moves bytes yet: no byte total to speak of
+            return Volume(moved, None, False)
+        total = known + round(known / known_n * unknown)
+        return Volume(moved, max(total, moved), unknown > 0)
 
 
 class Meter:
@@ -109,23 +137,32 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task
                   disable=not console.is_terminal) as bar:
         task = bar.add_task("images", total=1.0, figures="")
         snap: BatchSnapshot | None = None
-        seen: tuple[int, int, int] | None = None
+        grown: tuple[int, int] | None = None
+        done = Finished()
+        watching = set(watch)
+        offset = 0  # position in the batch's done list: only results written since are read
         while True:
             tally = _tally(store, meta)
-            news = (tally.results, tally.expanded, tally.added) if tally is not None else None
-            if news is not None and news != seen:  # read results only when something arrived
+            if tally is not None and whole and (tally.expanded, tally.added) != grown:
+                # The batch grows (rare: once per expansion): read it whole, and watch what it added.
                 snap = _snapshot(store, meta)
-                seen = news if snap is not None else None
-                if snap is not None and whole:
+                if snap is not None:
+                    grown = (tally.expanded, tally.added)
                     _grow(console, snap, watch, lines, sources, told)
-            if tally is not None and snap is not None:
+                    watching.update(watch)
+            if tally is not None and tally.done > offset:
+                arrived = _results_since(store, meta, offset)
+                if arrived is not None:
+                    fresh, offset = arrived
+                    for t, r in fresh.items():
+                        if t in watching:
+                            done.add(t, r)
+                            if r is not None and r.status == "failed" and (t, 0) not in told:
+                                told.add((t, 0))
+                                _say(console, "red", describe.failure_line(r, failed_verb), failed_verb)
+            if tally is not None:
                 now = time.monotonic()
-                results = {t: snap.results[t] for t in watch if t in snap.results}
-                for t, r in results.items():
-                    if r.status == "failed" and (t, 0) not in told:
-                        told.add((t, 0))
-                        _say(console, "red", describe.failure_line(r, failed_verb), failed_verb)
-                retrying = {t: s for t, s in tally.states.items() if t in lines and t not in results
+                retrying = {t: s for t, s in tally.states.items() if t in lines and t not in done.results
                             and s.retrying}
                 for t, s in retrying.items():
                     # Once per run: the first request retried in it, then the wait for the next run.
@@ -134,27 +171,32 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task
                         told.add(key)
                         text = describe.retry_line(lines[t], sources[t], s, time.time())
                         _say(console, "yellow", text, "retrying")
-                vol = volume(watch, results, tally)
+                vol = done.volume(len(watch), watching, tally)
                 rate = meter.rate(now, vol.moved)
-                done, failed = len(results), sum(r.status == "failed" for r in results.values())
+                finished_n, failed = len(done.results), done.failed
                 # A batch whose selector lines are still being listed is not finished, even at 0/0.
-                finished = done == len(watch) and not (whole and snap.expanding)
+                expanding = whole and tally.expanded < len(meta.expansion_ids)
+                finished = finished_n == len(watch) and not expanding
                 # While running, the recent rate; at the end, the average (the recent one has decayed).
                 shown = describe.human_rate(vol.moved, now - started) if finished else \
                     f"{describe.human_bytes(rate)}/s"
-                figures = [f"{done}/{len(watch)}", vol.text(), shown]
+                figures = [f"{finished_n}/{len(watch)}", vol.text(), shown]
                 figures += [f"[red]{failed} failed[/]"] if failed else []
                 figures += [f"[yellow]{len(retrying)} retrying[/]"] if retrying else []
-                figures += [_clock(now - started), f"eta {_clock(meter.eta(now, vol, rate, done, len(watch)))}"]
-                share = vol.moved / vol.total if vol.total else done / max(1, len(watch))
+                figures += [_clock(now - started), f"eta {_clock(meter.eta(now, vol, rate, finished_n, len(watch)))}"]
+                share = vol.moved / vol.total if vol.total else finished_n / max(1, len(watch))
                 bar.update(task, completed=1.0 if finished else min(1.0, share),
                            figures="  ".join(figures))
                 if finished:
-                    return snap
+                    # Read once, at the end, for the summary.
+                    final = _snapshot(store, meta)
+                    if final is not None:
+                        return final
             if timeout is not None and time.monotonic() - started > timeout:
-                if snap is None:
+                last = _snapshot(store, meta) or snap
+                if last is None:
                     raise TimeoutError(f"batch {meta.batch_id}: Redis did not answer")
-                return snap
+                return last
             time.sleep(poll)
 
 
@@ -185,6 +227,14 @@ def _say(console: Console, colour: str, text: str, verb: str) -> None:
 def _tally(store: BatchStore, meta: BatchMeta) -> Tally | None:
     try:
         return store.tally(meta.batch_id)
+    except redis.RedisError:
+        return None
+
+
+def _results_since(store: BatchStore, meta: BatchMeta,
+                   offset: int) -> tuple[dict[str, SyncResult | None], int] | None:
+    try:
+        return store.results_since(meta.batch_id, offset)
     except redis.RedisError:
         return None
 
