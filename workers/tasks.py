@@ -123,7 +123,11 @@ def retry_delay(retries: int, base: float) -> float:
     return float(min(MAX_TASK_RETRY_DELAY, base * 2**retries) * random.uniform(1.0, 1.25))
 
 
-@app.task(name=SYNC_TASK, bind=True, base=SyncTask, acks_late=True, max_retries=None)
+# The outcome goes to the batch store, and Flower reads it from the task's events: a success stored
+# in the result backend too would be a write (and Redis memory per image) nothing reads. Failures
+# are still stored, for Flower's result page.
+@app.task(name=SYNC_TASK, bind=True, base=SyncTask, acks_late=True, max_retries=None, ignore_result=True,
+          store_errors_even_if_ignored=True)
 def sync_image(self: Task, job: dict[str, Any], first_started_at: float | None = None) -> dict[str, Any]:
     j = SyncJob.model_validate(job)
     s = runtime.settings()
@@ -145,7 +149,6 @@ def sync_image(self: Task, job: dict[str, Any], first_started_at: float | None =
         crash = e
         result = SyncResult(batch_id=j.batch_id, source=j.source, status="failed",
                             error=f"internal error: {type(e).__name__}: {e}", error_code="INTERNAL")
-    progress.flush()
     result = result.model_copy(update={
         "task_id": task_id, "node": s.node, "line": j.line, "engine": j.engine,
         "started_at": started, "duration_s": time.time() - started,
@@ -153,6 +156,7 @@ def sync_image(self: Task, job: dict[str, Any], first_started_at: float | None =
         "cleanup_task_id": _chain_cleanup(j, task_id, s.node, result.local_refs) if _left_on_disk(result) else None,
     })
     if result.status == "failed" and result.temporary and crash is None and attempt < s.task_max_retries:
+        progress.flush()  # what this run moved stays visible while the task waits (a result carries its own)
         countdown = retry_delay(attempt, s.task_retry_delay)
         store.record_state(j.batch_id, task_id, TaskState(
             phase="retrying", node=s.node, attempt=attempt + 2, attempts=runs, retry_at=time.time() + countdown,
@@ -240,7 +244,7 @@ def expand_repository(self: Task, job: dict[str, Any]) -> dict[str, Any]:
             "selected": result.selected, "node": result.node, "batch": result.batch_id}
 
 
-@app.task(name=CLEANUP_TASK, bind=True, acks_late=True)
+@app.task(name=CLEANUP_TASK, bind=True, acks_late=True, ignore_result=True, store_errors_even_if_ignored=True)
 def cleanup(self: Task, engine: str = "registry", batch_id: str | None = None,
             for_task: str | None = None, remove: list[str] | None = None) -> dict[str, Any]:
     result = runtime.run_cleanup(engine, remove or [], for_task)
