@@ -128,6 +128,10 @@ class FerrySettings(BaseSettings):
     coordination: CoordinationSettings = Field(default_factory=CoordinationSettings)
     # "max,min" pool processes, scaled by load (Celery's --autoscale); replaces concurrency.
     autoscale: str | None = None
+    # How a worker runs its images at once: "prefork" (one process per image in flight; a process
+    # that dies takes only its own image down) or "threads" (concurrency images in flight in one
+    # process, sharing its connections, tokens and memory).
+    pool: Literal["prefork", "threads"] = "prefork"
     # Seconds between the periodic cleanups every node sends itself (0: none).
     cleanup_interval: NonNegativeInt = 600
     # Seconds between checks of the cache filesystem's free space against cache.min_free_bytes.

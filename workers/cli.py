@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, help="images copied at once by this worker (FERRY_CONCURRENCY)")
     p.add_argument("--autoscale", help="MAX,MIN pool processes scaled by load (FERRY_AUTOSCALE); "
                    "replaces --concurrency")
+    p.add_argument("--pool", choices=["prefork", "threads"],
+                   help="prefork: a process per image in flight; threads: --concurrency images in one "
+                   "process (FERRY_POOL, default prefork)")
     p.add_argument("--engine", help="default engine for this node's cleanup: registry or docker")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (FERRY_METRICS_PORT)")
     p.add_argument("--loglevel", default=os.environ.get("FERRY_LOGLEVEL", "INFO"))
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--loglevel (FERRY_LOGLEVEL) must be one of {', '.join(LOG_LEVELS)}, got {args.loglevel!r}")
     try:
         settings = load_settings({"node": args.node, "concurrency": args.concurrency, "engine": args.engine,
-                                  "autoscale": args.autoscale, "metrics_port": args.metrics_port})
+                                  "autoscale": args.autoscale, "metrics_port": args.metrics_port,
+                                  "pool": args.pool})
     except ValidationError as e:
         return _fail(describe_validation_error(e))
     try:
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("FERRY_BROKER_URL is not set (e.g. redis://:password@redis-host:6379/0)")
     if args.command == "health":
         return _health(settings.broker_url.get_secret_value(), settings.node if args.worker else None)
+    if settings.autoscale and settings.pool != "prefork":
+        return _fail("--autoscale (FERRY_AUTOSCALE) scales pool processes: it needs --pool prefork")
     schedules: list[Schedule] = []
     if args.command == "beat":
         try:
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     app.worker_main([
         "worker",
         "--hostname", f"{settings.node}@%h",
-        *pool,
+        "--pool", settings.pool, *pool,
         "--queues", f"{SYNC_QUEUE},{node_queue(settings.node)},{SCHEDULE_QUEUE}",
         "--loglevel", args.loglevel.upper(),
         "--without-gossip", "--without-mingle",
