@@ -49,9 +49,16 @@ def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: EngineName, *, r
 
 
 def broker_app(settings: FerrySettings) -> Celery:
-    """A Celery app that only sends: the workers define the tasks, the contract names them."""
+    """A Celery app that only sends: the workers define the tasks, the contract names them.
+
+    Its broker connection does not replay a command after a timeout, so kombu may pipeline a batch's
+    messages (a replayed pipeline could send some twice). Sending a task twice is harmless anyway —
+    its id is fixed and its first success stands — but a timeout now fails the enqueue with the
+    broker's error instead of being retried."""
     app = Celery("ferry")
-    app.conf.update(celery_config(settings))
+    conf = celery_config(settings)
+    conf["broker_transport_options"] = {**conf["broker_transport_options"], "retry_on_timeout": False}
+    app.conf.update(conf)
     return app
 
 
