@@ -293,10 +293,31 @@ class Reference:
         return host_is_loopback(self.registry)
 
     def with_tag(self, tag: str | None) -> Reference:
-        return dataclasses.replace(self, tag=tag)
+        return self._with(tag, self.digest)
 
     def with_digest(self, digest: str | None) -> Reference:
-        return dataclasses.replace(self, digest=digest)
+        return self._with(self.tag, digest)
+
+    def _with(self, tag: str | None, digest: str | None) -> Reference:
+        """This name with another tag or digest, checking only what changed (a copy asks for
+        several per image: the name was checked when this reference was made)."""
+        if tag == self.tag and digest == self.digest:
+            return self
+        reason = (
+            (tag_problem(tag) if tag is not None and tag != self.tag else None)
+            or (digest_problem(digest) if digest is not None and digest != self.digest else None)
+        )
+        if reason is None and tag is None and digest is None:
+            reason = "a reference needs a tag or a digest"
+        text = self.name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
+        if reason is not None:
+            raise InvalidReference(text, reason)
+        ref = object.__new__(type(self))
+        object.__setattr__(ref, "registry", self.registry)
+        object.__setattr__(ref, "repository", self.repository)
+        object.__setattr__(ref, "tag", tag)
+        object.__setattr__(ref, "digest", digest)
+        return ref
 
     def with_name(self, registry: str, repository: str) -> Reference:
         """Same tag and digest under another name; Docker Hub names are normalised."""
