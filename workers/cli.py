@@ -19,6 +19,7 @@ from contract.broker import SCHEDULE_QUEUE, SYNC_QUEUE, node_queue
 from workers import runtime
 from workers.app import configure
 from workers.beat import ScheduleError, load_schedules, run_beat
+from workers.broker_clients import reuse_channel_clients
 from workers.engine.keychain import docker_config_file
 from workers.metrics import Recorder
 from workers.presence import ONLINE_WINDOW, Presence, make_presence_step
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         run_beat(app, schedules, settings, args.loglevel.upper())
         return 0
     _keep_tasks_through_reconnects()
+    reuse_channel_clients()
     recorder: Recorder | None = None
     if settings.metrics_port is not None:
         from workers.metrics import endpoint  # imports prometheus_client: only when metrics are on
