@@ -7,9 +7,10 @@ LIST ?= images.txt
 TARGET ?=
 WORKERS ?= 2
 CONCURRENCY ?= 4
+POOL ?= prefork
 
 .PHONY: venv run worker flower beat test test-fast test-slow test-faults test-docker test-cluster measure \
-	test-metrics test-schedules test-selectors test-hosts measure-hosts test-deploy lint fmt bench clean
+	test-metrics test-schedules test-selectors test-hosts measure-hosts test-deploy lint fmt bench bench-fleet clean
 
 venv: .venv/.stamp
 .venv/.stamp: pyproject.toml
@@ -24,7 +25,7 @@ run: venv
 	$(PY) -m producer enqueue $(LIST) --target $(TARGET) --wait
 
 worker: venv
-	$(PY) -m workers --concurrency $(CONCURRENCY)
+	$(PY) -m workers --concurrency $(CONCURRENCY) --pool $(POOL)
 
 flower: venv
 	$(PY) -m workers flower
@@ -84,7 +85,13 @@ fmt: venv
 	$(PY) -m ruff check --fix config contract producer workers tests
 
 bench: venv
-	$(PY) ../shared/bench/bench.py --project . --workers $(WORKERS) --concurrency $(CONCURRENCY) --json bench.json
+	FERRY_POOL=$(POOL) $(PY) ../shared/bench/bench.py --project . --workers $(WORKERS) --concurrency $(CONCURRENCY) \
+		--json bench.json
+
+## 10,000 small images, cold and warm: the per-image cost at mirror-list scale.
+bench-fleet: venv
+	FERRY_POOL=$(POOL) $(PY) ../shared/bench/bench.py --project . --corpus fleet --count 10000 --contenders project \
+		--workers $(WORKERS) --concurrency $(CONCURRENCY) --json bench-fleet.json
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache
