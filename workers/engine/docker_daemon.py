@@ -165,15 +165,16 @@ class Tally:
 def prune(api: Any, keep_duration: float, errors: list[str]) -> tuple[int, int]:
     """Dangling images and build cache older than keep_duration; returns (bytes, items)."""
     freed_bytes = freed_items = 0
-    until = f"{max(0, int(keep_duration))}s"
+    # No ``until`` for 0: the daemon rounds it to whole seconds, sparing what was made this second.
+    age: dict[str, Any] = {"until": f"{int(keep_duration)}s"} if keep_duration >= 1 else {}
     try:
-        pruned = api.prune_images(filters={"dangling": True, "until": until})
+        pruned = api.prune_images(filters={"dangling": True, **age})
         freed_items += len([r for r in pruned.get("ImagesDeleted") or [] if r.get("Deleted")])
         freed_bytes += int(pruned.get("SpaceReclaimed") or 0)
     except docker.errors.APIError as e:
         errors.append(f"prune images: {e.explanation or e}")
     try:
-        builds = api.prune_builds(filters={"until": until})
+        builds = api.prune_builds(filters=age or None)
         freed_items += len(builds.get("CachesDeleted") or [])
         freed_bytes += int(builds.get("SpaceReclaimed") or 0)
     except docker.errors.APIError as e:
