@@ -15,8 +15,9 @@ from kombu.transport import redis as kombu_redis
 
 
 def reuse_channel_clients() -> None:
-    original: Any = kombu_redis.Channel._create_client
-    if getattr(original, "reuses_clients", False):
+    original: Any = getattr(kombu_redis.Channel, "_create_client", None)
+    # A kombu that builds its clients otherwise keeps its own way: this only saves CPU.
+    if original is None or getattr(original, "reuses_clients", False):
         return
 
     def create_client(self: Any, asynchronous: bool = False) -> Any:
