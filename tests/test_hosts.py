@@ -27,6 +27,7 @@ import pytest
 import redis
 
 from producer.standalone import redis_server_binary
+from tests.support.cluster import wait_proc
 from tests.support.images import Image, Pusher, push_image
 from tests.support.netns import Host, NetnsUnavailable, Network
 from tests.support.procs import wait_until
@@ -144,13 +145,8 @@ class Hosts:
 
 
 def finish(p: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate()
-        raise AssertionError(f"producer still running after {timeout}s:\n{out}\n{err}") from None
-    return p.returncode, out + err
+    code, out, err = wait_proc(p, timeout)
+    return code, out + err
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.dockerd import Dockerd, docker_clis
+from tests.support.dockerd import Dockerd, docker_clis, session_dockerd
 from tests.support.workers import ROOT
 
 CACHE_DIR = Path(os.environ.get("FERRY_TEST_CACHE", "/var/cache/ferry-test"))
@@ -209,13 +209,7 @@ class PhaseReport:
 def deploy_dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd]:
     """A daemon of the deploy suite's own: its build cache, images and volumes stay out of the way of
     the docker engine tests, which count the dangling images and build cache their cleanups prune."""
-    if not shutil.which("dockerd"):
-        pytest.skip("dockerd is not installed (apt-get install docker.io); CI installs it")
-    if os.geteuid() != 0:
-        pytest.skip("dockerd needs root")
-    daemon = Dockerd(tmp_path_factory.mktemp("deploy-dockerd")).start()
-    yield daemon
-    daemon.stop()
+    yield from session_dockerd(tmp_path_factory, "deploy-dockerd")
 
 
 @pytest.fixture(scope="session")

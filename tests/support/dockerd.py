@@ -112,12 +112,17 @@ def docker_clis() -> list[str]:
     return found
 
 
-@pytest.fixture(scope="session")
-def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd]:
+def session_dockerd(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Dockerd]:
+    """A daemon for a test session, in a directory of its own; the body of a session fixture."""
     if not shutil.which("dockerd"):
         pytest.skip("dockerd is not installed (apt-get install docker.io); CI installs it")
     if os.geteuid() != 0:
         pytest.skip("dockerd needs root")
-    daemon = Dockerd(tmp_path_factory.mktemp("dockerd")).start()
+    daemon = Dockerd(tmp_path_factory.mktemp(name)).start()
     yield daemon
     daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd]:
+    yield from session_dockerd(tmp_path_factory, "dockerd")
