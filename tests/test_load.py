@@ -107,7 +107,7 @@ def test_thousand_images(make_cluster: Callable[..., Cluster], src: Registry, ds
     per_10k = records * 10_000 / IMAGES
     print(f"\nREADME (load, --pool {pool}): enqueue of {IMAGES} tasks {enqueue_s:.2f} s ({enqueue_cpu:.2f} s of "
           f"CPU, the whole producer run); synced in {sync_s:.1f} s by 2 workers x {concurrency} "
-          f"({IMAGES / sync_s:.0f} images/s, "
+          f"({IMAGES / sync_s:.0f} images/s, {IMAGES / sync_s / 2:.0f} per worker, "
           f"{1000 * sync_cpu / IMAGES:.0f} ms of worker CPU per image); Redis used_memory_peak "
           f"{peak / 2**20:.1f} MiB; worker RSS peak (both trees) {peak_rss[0] / 2**20:.0f} MiB; "
           f"{peak_rss[0] / in_flight / 2**20:.0f} MiB per image in flight; Redis per 10,000 images once done "
