@@ -139,7 +139,7 @@ def cmd_enqueue(args: argparse.Namespace, settings: FerrySettings, out: Console,
                 out.print(batch_id)
                 return 0
             # The local worker stops with this command: its cleanups must land before it does.
-            return _wait_and_report(store, meta, args, out, err, cleanups=standalone)
+            return _wait_and_report(store, meta, args, out, err, cleanups=standalone, app=app)
         finally:
             store.close()
 
@@ -194,14 +194,26 @@ def _safe_url(url: str) -> str:
 
 
 def _wait_and_report(store: BatchStore, meta: BatchMeta, args: argparse.Namespace, out: Console, err: Console,
-                     task_ids: list[str] | None = None, title: str | None = None, cleanups: bool = False) -> int:
+                     task_ids: list[str] | None = None, title: str | None = None, cleanups: bool = False,
+                     app: Celery | None = None) -> int:
     """Watch ``task_ids`` (default: the whole batch) and sum up their own bytes, time and rate; with
-    ``cleanups``, wait for the cleanups their results name too."""
+    ``cleanups``, wait for the cleanups their results name too. With ``app``, tasks whose messages the
+    broker lost are sent again."""
+    from contract.broker import SYNC_QUEUE
+    from contract.dispatch import publish
+    from contract.messages import LostMessages
     from producer.progress import wait_for_batch, wait_for_cleanups
+
+    def resend(lost: list[str]) -> None:
+        snap = store.snapshot(meta.batch_id, meta)
+        jobs = dict(zip(meta.task_ids, meta.jobs, strict=True)) | (dict(snap.jobs) if snap else {})
+        publish(app, [(t, jobs[t]) for t in lost if t in jobs])
 
     started = time.monotonic()
     # The whole batch (task_ids None) grows while its selector lines are expanded.
-    snap = wait_for_batch(store, meta, err, task_ids=task_ids, timeout=args.timeout)
+    snap = wait_for_batch(store, meta, err, task_ids=task_ids, timeout=args.timeout,
+                          lost=LostMessages(store.r, [SYNC_QUEUE]) if app is not None else None,
+                          resend=resend if app is not None else None)
     elapsed = time.monotonic() - started
     if cleanups:
         left = None if args.timeout is None else max(0.0, args.timeout - elapsed)
@@ -353,7 +365,7 @@ def cmd_retry(args: argparse.Namespace, settings: FerrySettings, out: Console, e
         if not args.wait:
             return 0
         # Selector lines listed again add images of their own: then watch the whole batch.
-        return _wait_and_report(store, new_meta, args, out, err,
+        return _wait_and_report(store, new_meta, args, out, err, app=app,
                                 task_ids=None if unlisted else [t for t, _ in again],
                                 title=f"batch {args.batch}: retry of {len(again)} image(s){lines}")
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import redis
@@ -16,10 +16,13 @@ from rich.progress import BarColumn, Progress, TextColumn
 from config import describe
 from config.jobs import BatchMeta, SyncResult
 from contract.batches import BatchSnapshot, BatchStore, Tally
+from contract.messages import LostMessages
 from producer.report import expected_cleanups
 
 # Rate over the last few seconds: steady enough to read, quick to follow a change.
 RATE_WINDOW = 5.0
+# With no result for this long, look for tasks whose messages the broker lost (twice, this far apart).
+LOST_LOOK_AFTER = 10.0
 
 
 @dataclass(frozen=True)
@@ -118,9 +121,11 @@ def _clock(seconds: float | None) -> str:
 
 
 def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task_ids: list[str] | None = None,
-                   poll: float = 0.05, timeout: float | None = None) -> BatchSnapshot:
+                   poll: float = 0.05, timeout: float | None = None, lost: LostMessages | None = None,
+                   resend: Callable[[list[str]], None] | None = None) -> BatchSnapshot:
     """Poll until every watched task (default: the batch's, which grows as selector lines are
-    expanded) has a final result, or ``timeout`` passes."""
+    expanded) has a final result, or ``timeout`` passes. With ``lost`` and ``resend``, a task
+    whose message the broker lost is sent again once the batch has stalled."""
     whole = task_ids is None
     watch = list(task_ids or meta.task_ids)
     lines = {t: j.line for t, j in zip(meta.task_ids, meta.jobs, strict=True)}
@@ -141,6 +146,7 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task
         done = Finished()
         watching = set(watch)
         offset = 0  # position in the batch's done list: only results written since are read
+        progressed = looked = time.monotonic()
         while True:
             tally = _tally(store, meta)
             if tally is not None and whole and (tally.expanded, tally.added) != grown:
@@ -154,6 +160,7 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task
                 arrived = _results_since(store, meta, offset)
                 if arrived is not None:
                     fresh, offset = arrived
+                    progressed = time.monotonic()
                     for t, r in fresh.items():
                         if t in watching:
                             done.add(t, r)
@@ -187,6 +194,16 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task
                 share = vol.moved / vol.total if vol.total else finished_n / max(1, len(watch))
                 bar.update(task, completed=1.0 if finished else min(1.0, share),
                            figures="  ".join(figures))
+                if not finished and lost is not None and resend is not None \
+                        and now - max(progressed, looked) >= LOST_LOOK_AFTER:
+                    looked = now
+                    waiting = {t for t in watch if t not in done.results and t not in tally.states}
+                    again = _lost(lost, waiting)
+                    if again:
+                        resend(sorted(again))
+                        for t in sorted(again, key=lambda t: lines[t]):
+                            _say(console, "yellow", f"re-sent line {lines[t]}: {sources[t]}: its task message "
+                                 "was lost by the broker", "re-sent")
                 if finished:
                     # Read once, at the end, for the summary.
                     final = _snapshot(store, meta)
@@ -229,6 +246,13 @@ def _tally(store: BatchStore, meta: BatchMeta) -> Tally | None:
         return store.tally(meta.batch_id)
     except redis.RedisError:
         return None
+
+
+def _lost(lost: LostMessages, waiting: set[str]) -> set[str]:
+    try:
+        return lost.look(waiting)
+    except redis.RedisError:
+        return set()
 
 
 def _results_since(store: BatchStore, meta: BatchMeta,

@@ -47,8 +47,15 @@ def prometheus_for(tmp_path: Path) -> Iterator[Callable[[list[int]], Prometheus]
 
 
 def report(c: Cluster, batch: str, images: int) -> dict[str, Any]:
-    """The batch's report once every chained cleanup has recorded what it freed."""
-    wait_until(lambda: len(c.hash(batch, "cleanups")) >= images, 60, f"cleanups of {batch}")
+    """The batch's report once every image has its result and every cleanup a result names (only syncs
+    that used the node's disk chain one) has recorded what it freed."""
+
+    def settled() -> bool:
+        results = c.results(batch)
+        chained = {r["cleanup_task_id"] for r in results.values() if r.get("cleanup_task_id")}
+        return len(results) >= images and chained <= c.hash(batch, "cleanups").keys()
+
+    wait_until(settled, 60, f"results and cleanups of {batch}")
     path = c.tmp / f"report-{batch}.json"
     r = c.producer("report", batch, "--json", str(path))
     assert r.returncode in (0, 1), r.stdout + r.stderr
