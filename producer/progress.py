@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import redis
 from rich.console import Console
@@ -18,6 +19,9 @@ from config.jobs import BatchMeta, SyncResult
 from contract.batches import BatchSnapshot, BatchStore, Tally
 from contract.messages import LostMessages
 from producer.report import expected_cleanups
+
+T = TypeVar("T")
+P = ParamSpec("P")
 
 # Rate over the last few seconds: steady enough to read, quick to follow a change.
 RATE_WINDOW = 5.0
@@ -39,14 +43,6 @@ class Volume:
         if self.total is None:
             return moved
         return f"{moved} / {'~' if self.estimated else ''}{describe.human_bytes(self.total)}"
-
-
-def volume(watch: list[str], results: Mapping[str, SyncResult], tally: Tally) -> Volume:
-    done = Finished()
-    for t in watch:
-        if t in results:
-            done.add(t, results[t])
-    return done.volume(len(watch), set(watch), tally)
 
 
 class Finished:
@@ -148,16 +144,16 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task
         offset = 0  # position in the batch's done list: only results written since are read
         progressed = looked = time.monotonic()
         while True:
-            tally = _tally(store, meta)
+            tally = _unless_broker_down(store.tally, meta.batch_id)
             if tally is not None and whole and (tally.expanded, tally.added) != grown:
                 # The batch grows (rare: once per expansion): read it whole, and watch what it added.
-                snap = _snapshot(store, meta)
+                snap = _unless_broker_down(store.snapshot, meta.batch_id, meta)
                 if snap is not None:
                     grown = (tally.expanded, tally.added)
                     _grow(console, snap, watch, lines, sources, told)
                     watching.update(watch)
             if tally is not None and tally.done > offset:
-                arrived = _results_since(store, meta, offset)
+                arrived = _unless_broker_down(store.results_since, meta.batch_id, offset)
                 if arrived is not None:
                     fresh, offset = arrived
                     progressed = time.monotonic()
@@ -198,7 +194,7 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task
                         and now - max(progressed, looked) >= LOST_LOOK_AFTER:
                     looked = now
                     waiting = {t for t in watch if t not in done.results and t not in tally.states}
-                    again = _lost(lost, waiting)
+                    again = _unless_broker_down(lost.look, waiting) or set()
                     if again:
                         resend(sorted(again))
                         for t in sorted(again, key=lambda t: lines[t]):
@@ -206,11 +202,11 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task
                                  "was lost by the broker", "re-sent")
                 if finished:
                     # Read once, at the end, for the summary.
-                    final = _snapshot(store, meta)
+                    final = _unless_broker_down(store.snapshot, meta.batch_id, meta)
                     if final is not None:
                         return final
             if timeout is not None and time.monotonic() - started > timeout:
-                last = _snapshot(store, meta) or snap
+                last = _unless_broker_down(store.snapshot, meta.batch_id, meta) or snap
                 if last is None:
                     raise TimeoutError(f"batch {meta.batch_id}: Redis did not answer")
                 return last
@@ -241,33 +237,12 @@ def _say(console: Console, colour: str, text: str, verb: str) -> None:
     console.print(f"[{colour}]{verb}[/]{escape(rest)}", highlight=False, soft_wrap=True)
 
 
-def _tally(store: BatchStore, meta: BatchMeta) -> Tally | None:
+def _unless_broker_down(read: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T | None:
+    """A broker restart must not end the wait: None while Redis does not answer, and the wait polls
+    again. Anything else is a bug to report, not a reason to wait forever."""
     try:
-        return store.tally(meta.batch_id)
+        return read(*args, **kwargs)
     except redis.RedisError:
-        return None
-
-
-def _lost(lost: LostMessages, waiting: set[str]) -> set[str]:
-    try:
-        return lost.look(waiting)
-    except redis.RedisError:
-        return set()
-
-
-def _results_since(store: BatchStore, meta: BatchMeta,
-                   offset: int) -> tuple[dict[str, SyncResult | None], int] | None:
-    try:
-        return store.results_since(meta.batch_id, offset)
-    except redis.RedisError:
-        return None
-
-
-def _snapshot(store: BatchStore, meta: BatchMeta) -> BatchSnapshot | None:
-    """A broker restart must not end the wait: keep polling until Redis answers again."""
-    try:
-        return store.snapshot(meta.batch_id, meta)
-    except redis.RedisError:  # anything else is a bug to report, not a reason to wait forever
         return None
 
 
@@ -287,7 +262,7 @@ def wait_for_cleanups(store: BatchStore, snap: BatchSnapshot, console: Console, 
             console.print(f"[yellow]warning:[/] {len(missing)} cleanup(s) did not finish in time", soft_wrap=True)
             break
         time.sleep(poll)
-        fresh = _snapshot(store, snap.meta)
+        fresh = _unless_broker_down(store.snapshot, snap.meta.batch_id, snap.meta)
         if fresh is not None:
             snap = fresh
             missing = expected - snap.cleanups.keys()

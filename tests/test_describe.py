@@ -9,7 +9,7 @@ from __future__ import annotations
 from config import describe
 from config.jobs import DestinationResult, RequestRetry, SyncResult, TaskState
 from contract.batches import Tally
-from producer.progress import Meter, Volume, volume
+from producer.progress import Finished, Meter, Volume
 from producer.report import active_seconds
 
 SRC = "127.0.0.1:5902/apps/worker:v9.9"
@@ -77,6 +77,13 @@ def test_active_time_leaves_out_the_gaps_between_runs() -> None:
             # Celery's retries of one task: from its first run to its end counts as work under way.
             result(first_started_at=130.0, started_at=160.0, duration_s=5.0)]
     assert active_seconds(runs) == 15.0 + 35.0
+
+
+def volume(watch: list[str], results: dict[str, SyncResult], tally: Tally) -> Volume:
+    finished = Finished()
+    for t, r in results.items():
+        finished.add(t, r)
+    return finished.volume(len(watch), set(watch), tally)
 
 
 def test_bytes_to_move_are_known_or_estimated() -> None:
