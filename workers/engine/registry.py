@@ -195,7 +195,7 @@ class RegistryEngine:
                              cache_single_target=self.options.cache_single_target)
         if referrers:
             carry_referrers(self.referrers, src, dsts, outcome, progress, expect,
-                            use_cache=self.options.cache_single_target or len(dsts) > 1, scope=scope)
+                            use_cache=self._caches(len(dsts)), scope=scope)
         return outcome
 
     def _warnings(self, src: Reference) -> list[str]:
