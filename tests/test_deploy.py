@@ -22,6 +22,7 @@ import httpx
 import pytest
 import redis
 
+from tests.support.cluster import wait_proc
 from tests.support.deploy_image import BuiltImages, Phases, docker_cli
 from tests.support.dockerd import Dockerd
 from tests.support.faultproxy import FaultProxy, Rule, delay
@@ -54,13 +55,8 @@ def enqueue(env: dict[str, str], tmp: Path, lines: list[str], target: str, *, wa
 
 
 def finish(p: subprocess.Popen[str], timeout: float, logs: str = "") -> str:
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate()
-        raise AssertionError(f"producer still running after {timeout} s:\n{out}\n{err}\n{logs[-6000:]}") from None
-    assert p.returncode == 0, f"{out}\n{err}\n{logs[-6000:]}"
+    code, out, err = wait_proc(p, timeout, logs[-6000:])
+    assert code == 0, f"{out}\n{err}\n{logs[-6000:]}"
     return out
 
 

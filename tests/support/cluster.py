@@ -136,12 +136,14 @@ def make_cluster_fixture(tmp_path: Path) -> Iterator[Any]:
         c.redis.stop()
 
 
-def wait_proc(p: subprocess.Popen[str], timeout: float) -> tuple[int, str, str]:
+def wait_proc(p: subprocess.Popen[str], timeout: float, context: str = "") -> tuple[int, str, str]:
+    """The producer's exit code and output; past ``timeout`` it is killed and the test fails with its
+    output and ``context`` (e.g. the workers' logs)."""
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         p.kill()
         out, err = p.communicate()
-        raise AssertionError(f"producer still running after {timeout}s:\n{out}\n{err}") from None
+        raise AssertionError(f"producer still running after {timeout}s:\n{out}\n{err}\n{context}") from None
     return p.returncode, out, err
 
