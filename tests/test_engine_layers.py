@@ -17,6 +17,7 @@ RANKS = {
     "protocols": 0,
     "tls": 0,
     "local_coordinator": 0,
+    "lanes": 0,
     "retry": 1,
     "cache": 1,
     "throttle": 1,

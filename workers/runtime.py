@@ -167,6 +167,7 @@ def build_engine(name: str, s: FerrySettings, coordinator: Coordinator | None = 
             insecure_registries=tuple(s.insecure_registries),
             tls=tls_configs(s),
             blob_concurrency=s.blob_concurrency,
+            slots=s.concurrency if s.pool == "threads" else 1,
             chunk_size=int(s.chunk_size),
             retry_attempts=s.retry.attempts,
             retry_base_delay=s.retry.base_delay,

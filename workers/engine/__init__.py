@@ -4,7 +4,7 @@ Layers, each module importing only modules of a lower rank (and config: referenc
 platforms, job models); tests/test_engine_layers.py holds the same table and checks
 every module against it:
 
-    0  errors, protocols, tls, local_coordinator
+    0  errors, protocols, tls, local_coordinator, lanes
     1  retry, cache, throttle, keychain, challenges, results, docker_plan
     2  auth, docker_daemon
     3  transport

@@ -185,10 +185,10 @@ def copy_image(
     The node cache is used when several destinations want the blobs (one download serves
     them all), or always with ``cache_single_target``.
     """
-    # The source lookup and the destinations' HEADs are independent: one round trip for all.
-    src_future = executor.submit(_resolve_source, transport, src)
+    # The source lookup and the destinations' HEADs are independent: one round trip for all
+    # (the source's in this thread, which would only wait otherwise).
     dst_futures = [executor.submit(head_manifest, transport, d) for d in destinations]
-    head = src_future.result()
+    head = _resolve_source(transport, src)
     source_digest, fetched = head.digest, head.manifest
     outcome = CopyOutcome(source_digest=source_digest, source_media_type=head.media_type, root=fetched)
     src_pinned = src.with_digest(source_digest)

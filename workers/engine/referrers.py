@@ -26,7 +26,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -112,10 +112,9 @@ def subjects(root: Manifest, built: bool) -> list[str]:
 class ReferrerCopier:
     """Finds an image's referrers at the source and pushes them to destinations; one per engine."""
 
-    def __init__(self, transport: RegistryTransport, copier: BlobCopier, executor: Executor) -> None:
+    def __init__(self, transport: RegistryTransport, copier: BlobCopier) -> None:
         self.transport = transport
         self.copier = copier
-        self.executor = executor
         # Registries that answered 404 to the referrers API: asked once per process.
         self._no_api: set[str] = set()
         # (scope, registry, repository) -> its ``sha256-…`` tags, or None: not listable, ask by HEAD.
@@ -125,16 +124,22 @@ class ReferrerCopier:
 
     # -- the source -----------------------------------------------------------------
 
-    def find(self, src: Reference, digests: Sequence[str], scope: str | None = None) -> list[Found]:
-        """Every subject's referrers, looked up together (HEADs for cosign's tags are free of quota).
-        With a ``scope`` (a batch), tags the repository's listing lacks are not asked for."""
+    def find(self, src: Reference, digests: Sequence[str], executor: Executor,
+             scope: str | None = None) -> list[Found]:
+        """Every subject's referrers, looked up together on ``executor`` (HEADs for cosign's tags
+        are free of quota). With a ``scope`` (a batch), tags the repository's listing lacks are not
+        asked for; what needs no request is not handed to the executor at all."""
         tags = self.schema_tags(src, scope) if scope is not None else None
 
         def may_exist(tag: str) -> bool:
             return tags is None or tag in tags
 
-        listings = [self.executor.submit(self._listed, src, d, may_exist(schema_tag(d))) for d in digests]
-        cosign = {(d, s): self.executor.submit(head_manifest, self.transport, _tagged(src, schema_tag(d) + s))
+        nothing: Future[tuple[list[dict[str, Any]], Manifest | None]] = Future()
+        nothing.set_result(([], None))
+        listings = [executor.submit(self._listed, src, d, may_exist(schema_tag(d)))
+                    if src.api_host not in self._no_api or may_exist(schema_tag(d)) else nothing
+                    for d in digests]
+        cosign = {(d, s): executor.submit(head_manifest, self.transport, _tagged(src, schema_tag(d) + s))
                   for d in digests for s in COSIGN_SUFFIXES if may_exist(schema_tag(d) + s)}
         found = []
         for digest, listing in zip(digests, listings, strict=True):
@@ -221,7 +226,7 @@ class ReferrerCopier:
     # -- a destination --------------------------------------------------------------
 
     def carry(self, src: Reference, found: Sequence[Found], dst: Reference, progress: ProgressFn | None,
-              expect: ProgressFn | None = None, *, use_cache: bool) -> Carried:
+              expect: ProgressFn | None = None, *, use_cache: bool, executor: Executor) -> Carried:
         """Push to ``dst``'s repository every referrer in ``found`` that it lacks."""
         carried = Carried()
         for f in found:
@@ -236,12 +241,13 @@ class ReferrerCopier:
                 at = dst.with_digest(digest).with_tag(None)
                 if digest in present or (not api and head_manifest(self.transport, at) is not None):
                     continue
-                self._push(src.with_digest(digest), at, progress, expect, use_cache, carried)
+                self._push(src.with_digest(digest), at, progress, expect, use_cache, carried, executor)
             for tag, digest in f.cosign.items():
                 at = _tagged(dst, tag)
                 head = head_manifest(self.transport, at)
                 if head is None or head.digest != digest:
-                    self._push(src.with_digest(digest).with_tag(None), at, progress, expect, use_cache, carried)
+                    self._push(src.with_digest(digest).with_tag(None), at, progress, expect, use_cache, carried,
+                               executor)
             if f.listed and not api:
                 self._write_tag_index(f, dst)
         return carried
@@ -253,10 +259,10 @@ class ReferrerCopier:
         return ({e["digest"] for e in listed}, True) if listed is not None else (set(), False)
 
     def _push(self, src: Reference, dst: Reference, progress: ProgressFn | None, expect: ProgressFn | None,
-              use_cache: bool, carried: Carried) -> None:
+              use_cache: bool, carried: Carried, executor: Executor) -> None:
         manifest = get_manifest(self.transport, src)
-        plan = plan_image(self.transport, src, manifest, self.executor)
-        result, downloaded = copy_plan(self.transport, self.copier, self.executor, src, dst, plan, progress, expect,
+        plan = plan_image(self.transport, src, manifest, executor)
+        result, downloaded = copy_plan(self.transport, self.copier, executor, src, dst, plan, progress, expect,
                                        use_cache=use_cache)
         carried.pushed += 1
         carried.uploaded += result.bytes_transferred
@@ -283,7 +289,7 @@ class ReferrerCopier:
 
 def carry_referrers(referrers: ReferrerCopier, src: Reference, dsts: Sequence[Reference], outcome: CopyOutcome,
                     progress: ProgressFn | None, expect: ProgressFn | None = None, *, use_cache: bool,
-                    scope: str | None = None) -> None:
+                    executor: Executor, scope: str | None = None) -> None:
     """After an image copy: bring its referrers to every destination that did not fail, and
     fold what that did into ``outcome`` (a destination whose referrers fail, fails). ``scope``:
     the batch, within which a repository's tag list is read once."""
@@ -296,14 +302,15 @@ def carry_referrers(referrers: ReferrerCopier, src: Reference, dsts: Sequence[Re
         # Up to date everywhere, and maybe an index: the destination holds the same bytes, and
         # reading them there costs no source quota.
         root = get_manifest(referrers.transport, ok[0], outcome.source_digest)
-    found = referrers.find(src, subjects(root, outcome.root_built) if root else [outcome.source_digest], scope)
+    found = referrers.find(src, subjects(root, outcome.root_built) if root else [outcome.source_digest], executor,
+                           scope)
     if not any(found):
         return
     results = {r.destination: i for i, r in enumerate(outcome.destinations)}
     for dst in ok:
         i = results[str(dst)]
         try:
-            carried = referrers.carry(src, found, dst, progress, expect, use_cache=use_cache)
+            carried = referrers.carry(src, found, dst, progress, expect, use_cache=use_cache, executor=executor)
         except RegistryError as exc:
             exc.with_reference(dst)
             outcome.failures[str(dst)] = exc

@@ -19,6 +19,7 @@ from workers.engine.cache import BlobCache
 from workers.engine.copy import CopyOutcome, copy_image
 from workers.engine.errors import DigestMismatch, NotFound, RegistryError
 from workers.engine.keychain import Keychain
+from workers.engine.lanes import Lane
 from workers.engine.plan import plan_copy
 from workers.engine.protocols import CleanupStats, Coordinator, NoObserver, Observer, ProgressFn
 from workers.engine.referrers import ReferrerCopier, carry_referrers
@@ -39,6 +40,9 @@ class RegistryOptions:
     # Per registry host: CA bundle, client certificate, insecure (see workers/engine/tls.py).
     tls: Mapping[str, TlsConfig] = field(default_factory=dict)
     blob_concurrency: int = defaults.BLOB_CONCURRENCY
+    # Images in flight at once on this engine (a thread pool's size; 1 per prefork process):
+    # its thread pool and connection pools are sized for all of them.
+    slots: int = 1
     chunk_size: int = defaults.CHUNK_SIZE
     retry_attempts: int = defaults.RETRY_ATTEMPTS
     retry_base_delay: float = defaults.RETRY_BASE_DELAY
@@ -106,7 +110,7 @@ class RegistryEngine:
             connect_timeout=o.connect_timeout,
             read_timeout=o.read_timeout,
             user_agent=o.user_agent,
-            max_connections=o.max_connections_per_host,
+            max_connections=max(o.max_connections_per_host, 2 * o.slots),
             coordinator=coordinator,
             quota_floor=o.quota_floor,
             observer=observer,
@@ -115,8 +119,9 @@ class RegistryEngine:
         self.blobs = BlobCopier(self.transport, chunk_size=o.chunk_size, cache=cache if o.use_cache else None,
                                 coordinator=coordinator,
                                 range_parallel=o.range_parallel, range_threshold=o.range_threshold)
-        self._executor = WatchedPool(max_workers=o.blob_concurrency, thread_name_prefix="ferry-blob")
-        self.referrers = ReferrerCopier(self.transport, self.blobs, self._executor)
+        # Threads start only when work waits for one, so a pool sized for every slot costs nothing idle.
+        self._executor = WatchedPool(max_workers=o.blob_concurrency * o.slots, thread_name_prefix="ferry-blob")
+        self.referrers = ReferrerCopier(self.transport, self.blobs)
 
     def sync(self, job: SyncJob, progress: ProgressFn, *, expect: ProgressFn | None = None) -> SyncResult:
         try:
@@ -127,7 +132,8 @@ class RegistryEngine:
             return sync_result(job, self.name, failures=[exc])
         try:
             if job.dry_run:
-                outcome = plan_copy(self.transport, self._executor, src, dsts, platforms=platforms)
+                outcome = plan_copy(self.transport, Lane(self._executor, self.options.blob_concurrency), src, dsts,
+                                    platforms=platforms)
             else:
                 outcome = self._copy_via_mirrors(src, dsts, platforms, progress, expect,
                                                  referrers=self.options.referrers and job.referrers,
@@ -190,12 +196,13 @@ class RegistryEngine:
     def _copy(self, src: Reference, dsts: list[Reference], platforms: list[Platform],
               progress: ProgressFn, expect: ProgressFn | None, *, referrers: bool,
               scope: str | None = None) -> CopyOutcome:
-        outcome = copy_image(self.transport, self.blobs, self._executor, src, dsts,
+        lane = Lane(self._executor, self.options.blob_concurrency)
+        outcome = copy_image(self.transport, self.blobs, lane, src, dsts,
                              platforms=platforms, progress=progress, expect=expect,
                              cache_single_target=self.options.cache_single_target)
         if referrers:
             carry_referrers(self.referrers, src, dsts, outcome, progress, expect,
-                            use_cache=self._caches(len(dsts)), scope=scope)
+                            use_cache=self._caches(len(dsts)), executor=lane, scope=scope)
         return outcome
 
     def _warnings(self, src: Reference) -> list[str]:
