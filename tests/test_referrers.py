@@ -26,10 +26,11 @@ from tests.support.artifacts import (
     tag_schema_index,
 )
 from tests.support.cluster import Cluster, make_cluster_fixture  # noqa: F401  (fixture)
+from tests.support.faultproxy import FaultProxy, Rule, add_headers
 from tests.support.images import OCI_INDEX, Image, Pusher, push_image
 from tests.support.referrers_api import ReferrersAPI
 from tests.support.registry import Registry
-from tests.test_engine_copy import requests
+from tests.test_engine_copy import METERED, requests
 from workers.engine.registry import RegistryEngine, RegistryOptions
 
 VEX = "application/vnd.openvex+json"
@@ -222,26 +223,33 @@ def test_a_destination_index_keeps_referrers_only_the_destination_has(
     assert [m["digest"] for m in json.loads(index.content)["manifests"]] == [sbom.digest, vex.digest, local.digest]
 
 
-def test_what_looking_for_referrers_costs_an_up_to_date_index(src: Registry, dst: Registry, src_pusher: Pusher,
-                                                              engine: RegistryEngine) -> None:
+@pytest.mark.parametrize("metered", [False, True], ids=["unmetered", "metered"])
+def test_what_looking_for_referrers_costs_an_up_to_date_index(
+        metered: bool, src: Registry, dst: Registry, src_pusher: Pusher, engine: RegistryEngine,
+        make_fault_proxy: Callable[[str], FaultProxy]) -> None:
+    proxy = make_fault_proxy(src.host)
+    if metered:
+        proxy.add_rule(Rule(add_headers(METERED)))
     idx = push_image(src_pusher, "lib/multi", archs=("amd64", "arm64"), layers=1)
-    sync(engine, f"{src.host}/lib/multi:v1", f"{dst.host}/m/multi:v1")
-    src_before, dst_before = len(requests(src)), len(requests(dst))
-    r = sync(engine, f"{src.host}/lib/multi:v1", f"{dst.host}/m/multi:v1")
+    sync(engine, f"{proxy.host}/lib/multi:v1", f"{dst.host}/m/multi:v1")
+    src_before, dst_before = len(proxy.requests), len(requests(dst))
+    r = sync(engine, f"{proxy.host}/lib/multi:v1", f"{dst.host}/m/multi:v1")
     assert r.status == "up_to_date"
-    # The image's HEAD only: the registry's missing referrers API was learnt on the first sync, and
-    # the repository's tag list, read once in the batch, holds no schema or cosign tag for any of
-    # the three subjects (the index and its two children), so none is asked for.
-    assert [(m, p) for m, p, _ in requests(src)[src_before:]] == [("HEAD", "/v2/lib/multi/manifests/v1")]
-    # At the destination: the tag's HEAD, and the index read back there to learn its children.
-    assert [(m, p) for m, p, _ in requests(dst)[dst_before:]] == [
-        ("HEAD", "/v2/m/multi/manifests/v1"), ("GET", f"/v2/m/multi/manifests/{idx.digest}")]
+    # The image's manifest only: the registry's missing referrers API was learnt on the first
+    # sync, and the repository's tag list, read once in the batch, holds no schema or cosign tag
+    # for any of the three subjects (the index and its two children), so none is asked for.
+    # Unmetered, a GET brings the index, which names the children. Metered, the HEAD is free but
+    # says only "an index": the index is read back at the destination, which costs no pull.
+    asked = "HEAD" if metered else "GET"
+    assert [(s.method, s.path) for s in proxy.requests[src_before:]] == [(asked, "/v2/lib/multi/manifests/v1")]
+    read_back = [("GET", f"/v2/m/multi/manifests/{idx.digest}")] if metered else []
+    assert [(m, p) for m, p, _ in requests(dst)[dst_before:]] == [("HEAD", "/v2/m/multi/manifests/v1"), *read_back]
 
     # The next batch lists the repository once more, and still asks for no tag by HEAD.
-    src_before = len(requests(src))
-    assert sync(engine, f"{src.host}/lib/multi:v1", f"{dst.host}/m/multi:v1", batch="next").status == "up_to_date"
-    assert [(m, p) for m, p, _ in requests(src)[src_before:]] == [
-        ("HEAD", "/v2/lib/multi/manifests/v1"), ("GET", "/v2/lib/multi/tags/list?n=1000")]
+    src_before = len(proxy.requests)
+    assert sync(engine, f"{proxy.host}/lib/multi:v1", f"{dst.host}/m/multi:v1", batch="next").status == "up_to_date"
+    assert [(s.method, s.path) for s in proxy.requests[src_before:]] == [
+        (asked, "/v2/lib/multi/manifests/v1"), ("GET", "/v2/lib/multi/tags/list?n=1000")]
 
 
 @pytest.mark.slow

@@ -185,10 +185,9 @@ def copy_image(
     The node cache is used when several destinations want the blobs (one download serves
     them all), or always with ``cache_single_target``.
     """
-    # The source lookup and the destinations' HEADs are independent: one round trip for all
-    # (the source's in this thread, which would only wait otherwise).
+    # The source lookup and the destinations' HEADs are independent: one round trip for all.
     dst_futures = [executor.submit(head_manifest, transport, d) for d in destinations]
-    head = _resolve_source(transport, src)
+    head = _lookup_source(transport, src)
     source_digest, fetched = head.digest, head.manifest
     outcome = CopyOutcome(source_digest=source_digest, source_media_type=head.media_type, root=fetched)
     src_pinned = src.with_digest(source_digest)
@@ -246,6 +245,19 @@ def behind(outcome: CopyOutcome, destinations: Sequence[Reference],
         else:
             pending.append(dst)
     return pending
+
+
+def _lookup_source(transport: RegistryTransport, src: Reference) -> ManifestHead:
+    """The source's digest, with its manifest where that costs nothing more: a GET brings both in
+    one round trip, and the manifest is needed whenever a destination lacks the image. Where manifest
+    GETs are metered (Docker Hub), a HEAD: it is free there, and most images of a mirror are up to date."""
+    if transport.meters_pulls(src.api_host):
+        return _resolve_source(transport, src)
+    try:
+        m = get_manifest(transport, src)
+    except NotFound:
+        raise missing_manifest(transport, src) from None
+    return ManifestHead(m.digest, m.media_type, len(m.raw), manifest=m)
 
 
 def _resolve_source(transport: RegistryTransport, src: Reference) -> ManifestHead:

@@ -18,6 +18,7 @@ from importlib.metadata import version
 import httpx
 
 from config import defaults
+from config.reference import DOCKER_HUB_API
 from workers.engine.auth import RegistryAuth
 from workers.engine.errors import (
     RegistryError,
@@ -146,6 +147,11 @@ class RegistryTransport:
 
     def quota(self, host: str) -> RateQuota | None:
         return self._quotas.get(host)
+
+    def meters_pulls(self, host: str) -> bool:
+        """Whether ``host`` counts manifest GETs against a quota: Docker Hub, or any registry that
+        has sent ``RateLimit`` headers. A manifest GET there is spent only when it is needed."""
+        return host == DOCKER_HUB_API or host in self._quotas
 
     def _note_quota(self, host: str, response: httpx.Response) -> None:
         remaining = quota_number(response.headers.get("RateLimit-Remaining"))
