@@ -147,7 +147,7 @@ def test_prometheus_sees_what_the_batches_report(
     started = time.time()
 
     # Two 429s: each pauses the registry for the cluster (Retry-After: 1) and is retried once.
-    proxy.add_rule(Rule(too_many_requests("1"), method="HEAD", path_re="/manifests/", times=2))
+    proxy.add_rule(Rule(too_many_requests("1"), path_re="/manifests/", times=2))
     first = enqueue(c, [line["apps/a0"], line["apps/a1"], line["apps/a2"], missing], "first", dst)
     # Again, one image more: the rest is already up to date.
     second = enqueue(c, [line["apps/a0"], line["apps/a1"], line["apps/a2"], line["apps/b"], missing],
