@@ -26,7 +26,7 @@ from tests.support.artifacts import (
     tag_schema_index,
 )
 from tests.support.cluster import Cluster, make_cluster_fixture  # noqa: F401  (fixture)
-from tests.support.faultproxy import FaultProxy, Rule, add_headers
+from tests.support.faultproxy import FaultProxy, Rule, add_headers, delay
 from tests.support.images import OCI_INDEX, Image, Pusher, push_image
 from tests.support.referrers_api import ReferrersAPI
 from tests.support.registry import Registry
@@ -221,6 +221,20 @@ def test_a_destination_index_keeps_referrers_only_the_destination_has(
     assert r.destinations[0].referrers_copied == 1
     index = httpx.get(f"{dst.url}/v2/mirror/app/manifests/{schema_tag(img.digest)}", headers={"Accept": OCI_INDEX})
     assert [m["digest"] for m in json.loads(index.content)["manifests"]] == [sbom.digest, vex.digest, local.digest]
+
+
+def test_the_tag_list_is_read_while_the_image_is_copied(src: Registry, dst: Registry, src_pusher: Pusher,
+                                                        engine: RegistryEngine,
+                                                        make_fault_proxy: Callable[[str], FaultProxy]) -> None:
+    # The referrer lookup reads the repository's tag list after the copy; the list does not depend
+    # on the copy, so it is asked for beside the manifest, not one round trip later.
+    proxy = make_fault_proxy(src.host)
+    proxy.add_rule(Rule(delay(1.0), method="GET", path_re=r"/manifests/v1$"))
+    push_image(src_pusher, "lib/app", layers=1)
+    sync(engine, f"{proxy.host}/lib/app:v1", f"{dst.host}/m/app:v1")
+    manifest, = proxy.select("GET", r"/manifests/v1$")
+    listing, = proxy.select("GET", r"/tags/list")
+    assert manifest.end is not None and listing.start < manifest.end, (manifest, listing)
 
 
 @pytest.mark.parametrize("metered", [False, True], ids=["unmetered", "metered"])

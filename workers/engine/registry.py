@@ -197,6 +197,10 @@ class RegistryEngine:
               progress: ProgressFn, expect: ProgressFn | None, *, referrers: bool,
               scope: str | None = None) -> CopyOutcome:
         lane = Lane(self._executor, self.options.blob_concurrency)
+        if referrers and scope is not None:
+            # The repository's tag list, which the referrer lookup reads after the copy, does not
+            # depend on it: asked for now, it comes back during the copy instead of after.
+            lane.submit(self.referrers.schema_tags, src, scope)
         outcome = copy_image(self.transport, self.blobs, lane, src, dsts,
                              platforms=platforms, progress=progress, expect=expect,
                              cache_single_target=self.options.cache_single_target)
