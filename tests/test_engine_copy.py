@@ -377,8 +377,8 @@ def test_a_metered_source_spends_no_manifest_get_on_a_missing_image(
     no_tag = sync(engine, f"{proxy.host}/lib/app:v9.9", f"{dst.host}/m/app:v9.9")
     assert (no_repo.error_code, no_tag.error_code) == ("NAME_UNKNOWN", "MANIFEST_UNKNOWN")
     asked = [(r.method, r.path.split("?")[0]) for r in proxy.requests[seen:]]
-    assert asked == [("HEAD", "/v2/lib/nope/manifests/1.99"), ("GET", "/v2/lib/nope/tags/list"),
-                     ("HEAD", "/v2/lib/app/manifests/v9.9"), ("GET", "/v2/lib/app/tags/list")]
+    assert [a for a in asked if "/manifests/" in a[1]] == [("HEAD", "/v2/lib/nope/manifests/1.99"),
+                                                          ("HEAD", "/v2/lib/app/manifests/v9.9")]
 
 
 def test_manifest_body_cut_is_retried(src: Registry, dst: Registry, src_pusher: Pusher,

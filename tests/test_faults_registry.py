@@ -115,8 +115,10 @@ def test_registry_down_fails_its_images_and_retry_reruns_only_those(
     # The whole budget was spent on each dead image, and no more: ATTEMPTS requests per task run,
     # the runs spaced TASK_RETRY_DELAY, then twice that, each up to a quarter longer.
     for repo in ("down/x0", "down/x1"):
-        seen = sorted(proxy.select(path_re=f"^/v2/{repo}/"), key=lambda s: s.start)
+        seen = sorted(proxy.select(path_re=f"^/v2/{repo}/manifests/"), key=lambda s: s.start)
         assert len(seen) == ATTEMPTS * (TASK_RETRIES + 1)
+        # Beside each run, at most one tag listing for the referrer lookup, never retried.
+        assert proxy.count(path_re=f"^/v2/{repo}/tags/list") <= TASK_RETRIES + 1
         runs = [seen[i:i + ATTEMPTS] for i in range(0, len(seen), ATTEMPTS)]
         for n, (a, b) in enumerate(itertools.pairwise(runs)):
             end = a[-1].end

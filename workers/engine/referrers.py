@@ -152,10 +152,11 @@ class ReferrerCopier:
             found.append(f)
         return found
 
-    def schema_tags(self, ref: Reference, scope: str) -> frozenset[str] | None:
+    def schema_tags(self, ref: Reference, scope: str, *, ahead: bool = False) -> frozenset[str] | None:
         """The repository's tags that start like a schema or cosign tag, listed once per ``scope``
         by this process (concurrent callers wait for the first); None when it cannot be listed
-        cheaply."""
+        cheaply. ``ahead``: asked before the copy needs it, so one attempt, and a failure is not
+        kept (the lookup after the copy asks again, with retries)."""
         key = (scope, ref.api_host, ref.repository)
         with self._lock:
             if key in self._schema_tags:
@@ -167,8 +168,12 @@ class ReferrerCopier:
                     return self._schema_tags[key]
             try:
                 tags = list_tags_upto(self.transport, ref, LISTED_TAGS_LIMIT,
-                                      page_size=LISTED_PAGE_SIZE)
+                                      page_size=LISTED_PAGE_SIZE, once=ahead)
             except RegistryError as exc:  # denied or odd: the HEADs still work
+                if ahead:
+                    with self._lock:
+                        self._listing.pop(key, None)
+                    return None
                 log.debug("%s: tags not listed (%s); looking up referrer tags one by one", ref.name, exc)
                 tags = None
             found = None if tags is None else frozenset(t for t in tags if t.startswith("sha256-"))

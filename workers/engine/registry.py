@@ -200,7 +200,7 @@ class RegistryEngine:
         if referrers and scope is not None:
             # The repository's tag list, which the referrer lookup reads after the copy, does not
             # depend on it: asked for now, it comes back during the copy instead of after.
-            lane.submit(self.referrers.schema_tags, src, scope)
+            lane.submit(self.referrers.schema_tags, src, scope, ahead=True)
         outcome = copy_image(self.transport, self.blobs, lane, src, dsts,
                              platforms=platforms, progress=progress, expect=expect,
                              cache_single_target=self.options.cache_single_target)

@@ -43,15 +43,16 @@ def list_tags(transport: RegistryTransport, repo: Reference, *, page_size: int =
 
 
 def list_tags_upto(transport: RegistryTransport, repo: Reference, limit: int, *,
-                   page_size: int = DEFAULT_PAGE_SIZE) -> list[str] | None:
+                   page_size: int = DEFAULT_PAGE_SIZE, once: bool = False) -> list[str] | None:
     """Like ``list_tags``, but None as soon as the repository turns out to hold more than ``limit``
-    tags (no further pages are asked for)."""
+    tags (no further pages are asked for). ``once``: no request is retried."""
     url = f"/v2/{repo.repository}/tags/list?n={page_size}"
     tags: dict[str, None] = {}
     seen: set[str] = set()
     while True:
         seen.add(url)
-        r = transport.request("GET", repo.api_host, url, reference=repo.name, what=f"GET tags of {repo.name}")
+        r = transport.send("GET", repo.api_host, url, reference=repo.name) if once else \
+            transport.request("GET", repo.api_host, url, reference=repo.name, what=f"GET tags of {repo.name}")
         for tag in _page(r.content, repo):
             tags[tag] = None
         if len(tags) > limit:
