@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 import redis
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn
 
 from config import describe
 from config.jobs import BatchMeta, SyncResult
@@ -133,10 +133,7 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task
     if whole and meta.expansion_ids:
         n = len(meta.expansion_ids)
         console.print(f"expanding {n} {'repository' if n == 1 else 'repositories'}…", highlight=False)
-    columns = (TextColumn("[bold]images"), BarColumn(), TextColumn("{task.fields[figures]}"))
-    with Progress(*columns, console=console, transient=False, refresh_per_second=4,
-                  disable=not console.is_terminal) as bar:
-        task = bar.add_task("images", total=1.0, figures="")
+    with _bar(console) as draw:
         snap: BatchSnapshot | None = None
         grown: tuple[int, int] | None = None
         done = Finished()
@@ -188,8 +185,7 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task
                 figures += [f"[yellow]{len(retrying)} retrying[/]"] if retrying else []
                 figures += [_clock(now - started), f"eta {_clock(meter.eta(now, vol, rate, finished_n, len(watch)))}"]
                 share = vol.moved / vol.total if vol.total else finished_n / max(1, len(watch))
-                bar.update(task, completed=1.0 if finished else min(1.0, share),
-                           figures="  ".join(figures))
+                draw(completed=1.0 if finished else min(1.0, share), figures="  ".join(figures))
                 if not finished and lost is not None and resend is not None \
                         and now - max(progressed, looked) >= LOST_LOOK_AFTER:
                     looked = now
@@ -211,6 +207,21 @@ def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task
                     raise TimeoutError(f"batch {meta.batch_id}: Redis did not answer")
                 return last
             time.sleep(poll)
+
+
+@contextmanager
+def _bar(console: Console) -> Iterator[Callable[..., None]]:
+    """Draws the live bar on a terminal; elsewhere draws nothing (nor loads rich's progress module,
+    a noticeable part of a short command's start-up)."""
+    if not console.is_terminal:
+        yield lambda **fields: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    columns = (TextColumn("[bold]images"), BarColumn(), TextColumn("{task.fields[figures]}"))
+    with Progress(*columns, console=console, transient=False, refresh_per_second=4) as bar:
+        task = bar.add_task("images", total=1.0, figures="")
+        yield lambda **fields: bar.update(task, **fields)
 
 
 def _grow(console: Console, snap: BatchSnapshot, watch: list[str], lines: dict[str, int], sources: dict[str, str],
