@@ -441,9 +441,10 @@ def test_extra_credentials_from_settings_take_over_a_spent_one(make_cluster, tmp
             imgs = [push_image(Pusher(reg.url, client=c), f"lib/r{i}", layers=1) for i in range(4)]
         proxy = make_fault_proxy(reg.host)
         pause = 5.0
-        # The first credential's pull quota runs out on its first manifest read; blobs come slowly, so
-        # the batch is still reading when that credential is paused.
-        proxy.add_rule(Rule(too_many_requests(str(int(pause))), method="GET", path_re="/manifests/", times=1))
+        # The first credential's pull quota runs out on its first blob read (sent with its token: the
+        # first manifest read may still be the unauthenticated one the registry challenges); blobs
+        # come slowly, so the batch is still reading when that credential is paused.
+        proxy.add_rule(Rule(too_many_requests(str(int(pause))), method="GET", path_re="/blobs/", times=1))
         proxy.add_rule(Rule(delay(0.3), method="GET", path_re="/blobs/"))
         registries = {proxy.host: {"username": "first", "password": users["first"],
                                    "extra_credentials": [["second", users["second"]]]}}

@@ -297,8 +297,9 @@ def test_a_spent_credential_is_swapped_for_the_next_one(
         with httpx.Client(auth=RegistryAuth(reg.host, admin), timeout=30) as c:
             push_image(Pusher(reg.url, client=c), "lib/rot", layers=1)
         proxy = make_fault_proxy(reg.host)
-        # The first credential's quota runs out on its first request.
-        proxy.add_rule(Rule(too_many_requests("1"), method="GET", path_re="/manifests/", times=1))
+        # The first credential's quota runs out on its first blob read, which carries its token (the
+        # first manifest read may be the unauthenticated one the registry answers with a challenge).
+        proxy.add_rule(Rule(too_many_requests("1"), method="GET", path_re="/blobs/", times=1))
         coord = coords(owner="rot", credential_counts={proxy.host: 2})
         rotating = RotatingKeychain(
             {proxy.host: [Credential("first", "first-pw"), Credential("second", "second-pw")]}, coord.credential_index)
