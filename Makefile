@@ -13,6 +13,8 @@ BENCH_POOL ?= threads
 BENCH_CONCURRENCY ?= 16
 # Benchmarked commands start from cached bytecode, as an installed ferry does.
 BENCH_ENV := env -u PYTHONDONTWRITEBYTECODE FERRY_POOL=$(BENCH_POOL)
+# More bench.py options, e.g. BENCH_ARGS="--profile lan --contenders project,skopeo-p8".
+BENCH_ARGS ?=
 
 .PHONY: venv run worker flower beat test test-fast test-slow test-faults test-docker test-cluster measure \
 	test-metrics test-schedules test-selectors test-hosts measure-hosts test-deploy lint fmt bench bench-fleet clean
@@ -91,7 +93,7 @@ fmt: venv
 
 bench: venv
 	$(BENCH_ENV) $(PY) ../shared/bench/bench.py --project . --workers $(WORKERS) --concurrency $(BENCH_CONCURRENCY) \
-		--json bench.json
+		--json bench.json $(BENCH_ARGS)
 
 ## 10,000 small images, cold and warm: the per-image cost at mirror-list scale.
 bench-fleet: venv
