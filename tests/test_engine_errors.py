@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -20,7 +21,8 @@ from workers.engine.errors import (
     error_from_response,
     parse_retry_after,
 )
-from workers.engine.retry import RetryPolicy, WatchedPool, watching
+from workers.engine.lanes import Lane
+from workers.engine.retry import RetryPolicy, watching
 
 
 def test_registry_answers_become_typed_actionable_errors(src: Registry) -> None:
@@ -122,7 +124,8 @@ def test_a_watch_hears_the_retries_of_its_copy_even_from_the_engines_pool() -> N
         return name
 
     heard, elsewhere = _Heard(), _Heard()
-    with WatchedPool(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=2) as threads:
+        pool = Lane(threads, 2)  # how the engine hands a copy's requests to its pool
         with watching(heard):
             assert pool.submit(policy.call, lambda: request("a"), what="GET a").result() == "a"
             assert policy.call(lambda: request("b"), what="GET b") == "b"  # no retry: nothing to hear

@@ -24,8 +24,9 @@ _Item = tuple[Future[Any], Context, Callable[..., Any], tuple[Any, ...], dict[st
 class Lane(Executor):
     """Submits to ``pool`` with at most ``limit`` of this lane's calls running at a time.
 
-    Calls run in their submitter's context (as ``WatchedPool`` does), whichever thread starts them.
-    Shutting a lane down does nothing: the pool belongs to the engine."""
+    Calls run in their submitter's context, whichever thread starts them, so the retries of a copy's
+    requests reach the watch it set (``retry.watching``). Shutting a lane down does nothing: the pool
+    belongs to the engine."""
 
     def __init__(self, pool: Executor, limit: int) -> None:
         if limit < 1:
@@ -61,12 +62,9 @@ class Lane(Executor):
             item = self._next()
 
     def _finished(self, outer: Future[Any], inner: Future[Any]) -> None:
-        exc = inner.exception() if not inner.cancelled() else None
-        if inner.cancelled():
-            outer.cancel()  # a RUNNING future cannot cancel: report it as an error instead
-            if not outer.cancelled():
-                outer.set_exception(RuntimeError("the engine's pool cancelled this call"))
-        elif exc is not None:
+        if inner.cancelled():  # the pool shut down before the call ran; ``outer`` is already running
+            outer.set_exception(RuntimeError("the engine's pool cancelled this call"))
+        elif (exc := inner.exception()) is not None:
             outer.set_exception(exc)
         else:
             outer.set_result(inner.result())

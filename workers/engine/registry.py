@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from config import defaults
@@ -24,7 +25,7 @@ from workers.engine.plan import plan_copy
 from workers.engine.protocols import CleanupStats, Coordinator, NoObserver, Observer, ProgressFn
 from workers.engine.referrers import ReferrerCopier, carry_referrers
 from workers.engine.results import sync_result
-from workers.engine.retry import RetryPolicy, WatchedPool
+from workers.engine.retry import RetryPolicy
 from workers.engine.tls import TlsConfig
 from workers.engine.transport import DEFAULT_USER_AGENT, MAX_CONNECTIONS_PER_HOST, RegistryTransport
 
@@ -120,7 +121,8 @@ class RegistryEngine:
                                 coordinator=coordinator,
                                 range_parallel=o.range_parallel, range_threshold=o.range_threshold)
         # Threads start only when work waits for one, so a pool sized for every slot costs nothing idle.
-        self._executor = WatchedPool(max_workers=o.blob_concurrency * o.slots, thread_name_prefix="ferry-blob")
+        # Used only through lanes (``_lane``), which run each call in its submitter's context.
+        self._executor = ThreadPoolExecutor(max_workers=o.blob_concurrency * o.slots, thread_name_prefix="ferry-blob")
         self.referrers = ReferrerCopier(self.transport, self.blobs)
 
     def sync(self, job: SyncJob, progress: ProgressFn, *, expect: ProgressFn | None = None) -> SyncResult:
@@ -132,8 +134,7 @@ class RegistryEngine:
             return sync_result(job, self.name, failures=[exc])
         try:
             if job.dry_run:
-                outcome = plan_copy(self.transport, Lane(self._executor, self.options.blob_concurrency), src, dsts,
-                                    platforms=platforms)
+                outcome = plan_copy(self.transport, self._lane(), src, dsts, platforms=platforms)
             else:
                 outcome = self._copy_via_mirrors(src, dsts, platforms, progress, expect,
                                                  referrers=self.options.referrers and job.referrers,
@@ -152,6 +153,10 @@ class RegistryEngine:
         if result.status != "up_to_date" and self._caches(len(dsts)):
             result.used_disk = True
         return result
+
+    def _lane(self) -> Lane:
+        """One image's share of the engine's pool: at most ``blob_concurrency`` of its calls at once."""
+        return Lane(self._executor, self.options.blob_concurrency)
 
     def _caches(self, destinations: int) -> bool:
         """Whether a copy to this many destinations goes through the node cache (see copy_image)."""
@@ -196,7 +201,7 @@ class RegistryEngine:
     def _copy(self, src: Reference, dsts: list[Reference], platforms: list[Platform],
               progress: ProgressFn, expect: ProgressFn | None, *, referrers: bool,
               scope: str | None = None) -> CopyOutcome:
-        lane = Lane(self._executor, self.options.blob_concurrency)
+        lane = self._lane()
         if referrers and scope is not None:
             # The repository's tag list, which the referrer lookup reads after the copy, does not
             # depend on it: asked for now, it comes back during the copy instead of after.

@@ -12,18 +12,16 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from contextvars import ContextVar, copy_context
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import ParamSpec, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from config import defaults
 from workers.engine.errors import RateLimited, RegistryError
 from workers.engine.protocols import NoObserver, Observer
 
 T = TypeVar("T")
-P = ParamSpec("P")
 log = logging.getLogger(__name__)
 
 # A registry asking for a longer pause than this is waited out by the task layer instead.
@@ -38,7 +36,7 @@ class RetryWatch(Protocol):
     def recovered(self, what: str) -> None: ...
 
 
-# Set per copy, in the thread that runs it; the engine's pools carry it into theirs.
+# Set per copy, in the thread that runs it; the engine's lanes carry it into its pool's threads.
 _watch: ContextVar[RetryWatch | None] = ContextVar("ferry_retry_watch", default=None)
 
 
@@ -50,18 +48,6 @@ def watching(watch: RetryWatch) -> Iterator[None]:
         yield
     finally:
         _watch.reset(token)
-
-
-class WatchedPool(ThreadPoolExecutor):
-    """A thread pool whose work runs in its submitter's context, so its retries reach the same watch."""
-
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        context = copy_context()
-
-        def run() -> T:
-            return context.run(fn, *args, **kwargs)
-
-        return super().submit(run)
 
 
 @dataclass(frozen=True)
