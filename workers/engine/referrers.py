@@ -163,26 +163,28 @@ class ReferrerCopier:
                 return self._schema_tags[key]
             lock = self._listing.setdefault(key, threading.Lock())
         with lock:
-            with self._lock:
-                if key in self._schema_tags:
-                    return self._schema_tags[key]
             try:
-                tags = list_tags_upto(self.transport, ref, LISTED_TAGS_LIMIT,
-                                      page_size=LISTED_PAGE_SIZE, once=ahead)
-            except RegistryError as exc:  # denied or odd: the HEADs still work
-                if ahead:
-                    with self._lock:
-                        self._listing.pop(key, None)
-                    return None
-                log.debug("%s: tags not listed (%s); looking up referrer tags one by one", ref.name, exc)
-                tags = None
-            found = None if tags is None else frozenset(t for t in tags if t.startswith("sha256-"))
-            with self._lock:
-                self._schema_tags[key] = found
-                while len(self._schema_tags) > LISTED_REPOSITORIES:
-                    self._schema_tags.popitem(last=False)
-                self._listing.pop(key, None)
-            return found
+                with self._lock:
+                    if key in self._schema_tags:
+                        return self._schema_tags[key]
+                try:
+                    tags = list_tags_upto(self.transport, ref, LISTED_TAGS_LIMIT,
+                                          page_size=LISTED_PAGE_SIZE, once=ahead)
+                except RegistryError as exc:  # denied or odd: the HEADs still work
+                    if ahead:
+                        return None
+                    log.debug("%s: tags not listed (%s); looking up referrer tags one by one", ref.name, exc)
+                    tags = None
+                found = None if tags is None else frozenset(t for t in tags if t.startswith("sha256-"))
+                with self._lock:
+                    self._schema_tags[key] = found
+                    while len(self._schema_tags) > LISTED_REPOSITORIES:
+                        self._schema_tags.popitem(last=False)
+                return found
+            finally:
+                with self._lock:  # however the listing ended, its lock is not kept
+                    if self._listing.get(key) is lock:
+                        del self._listing[key]
 
     def _listed(self, ref: Reference, digest: str, tagged: bool = True) -> tuple[list[dict[str, Any]], Manifest | None]:
         """``tagged``: whether the tag schema's index may exist (False: the tag list lacks it)."""
