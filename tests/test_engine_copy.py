@@ -362,7 +362,6 @@ def test_failures_are_results_not_exceptions(src: Registry, dst: Registry, src_p
     assert bad.status == "failed" and bad.error_code == "INVALID_REFERENCE"
 
 
-
 def test_a_metered_source_spends_no_manifest_get_on_a_missing_image(
         src: Registry, dst: Registry, src_pusher: Pusher, engine: RegistryEngine,
         make_fault_proxy: Callable[[str], FaultProxy]) -> None:

@@ -111,6 +111,7 @@ class RegistryEngine:
             connect_timeout=o.connect_timeout,
             read_timeout=o.read_timeout,
             user_agent=o.user_agent,
+            # A warm image holds two at once (its manifest and its repository's tag list).
             max_connections=max(o.max_connections_per_host, 2 * o.slots),
             coordinator=coordinator,
             quota_floor=o.quota_floor,
