@@ -28,11 +28,10 @@ from producer.listfile import ListFileError
 from producer.report import Summary, as_json, render, summarize
 from producer.standalone import Stopped
 
-if TYPE_CHECKING:  # imported lazily at run time, so bad input is reported before Celery loads
-    from celery import Celery
-
+if TYPE_CHECKING:  # imported lazily at run time, so bad input is reported before the broker side loads
     from config.jobs import BatchMeta
     from contract.batches import BatchSnapshot, BatchStore
+    from contract.wire import TaskPublisher
 
 USAGE = 2
 # User and registry text passes through rich.markup.escape: "[...]" in it would be read as markup.
@@ -128,9 +127,9 @@ def cmd_enqueue(args: argparse.Namespace, settings: FerrySettings, out: Console,
         raise UsageError("FERRY_BROKER_URL is not set: set it to enqueue to a cluster, "
                          "or add --wait to run standalone on this machine")
     with _broker(settings, err) as settings:
-        app, store = _connect(settings)
+        publisher, store = _connect(settings)
         try:
-            meta = enqueue(app, store, batch_id, args.list, targets_raw, jobs, expansions, dry_run=args.dry_run,
+            meta = enqueue(publisher, store, batch_id, args.list, targets_raw, jobs, expansions, dry_run=args.dry_run,
                            prune=args.prune)
             grows = f" and {len(expansions)} selector line(s) to expand" if expansions else ""
             what = "dry run: " if args.dry_run else ""
@@ -139,7 +138,7 @@ def cmd_enqueue(args: argparse.Namespace, settings: FerrySettings, out: Console,
                 out.print(batch_id)
                 return 0
             # The local worker stops with this command: its cleanups must land before it does.
-            return _wait_and_report(store, meta, args, out, err, cleanups=standalone, app=app)
+            return _wait_and_report(store, meta, args, out, err, cleanups=standalone, publisher=publisher)
         finally:
             store.close()
 
@@ -170,19 +169,24 @@ def _broker(settings: FerrySettings, err: Console) -> Iterator[FerrySettings]:
         yield settings.model_copy(update={"broker_url": SecretStr(url)})
 
 
-def _connect(settings: FerrySettings) -> tuple[Celery, BatchStore]:
+def _connect(settings: FerrySettings) -> tuple[TaskPublisher, BatchStore]:
     from contract.batches import BatchStore
-    from producer.enqueue import broker_app
+    from contract.redis_client import redis_client
+    from contract.wire import TaskPublisher
 
     assert settings.broker_url is not None
-    url = (settings.result_url or settings.broker_url).get_secret_value()
+    broker = settings.broker_url.get_secret_value()
+    url = settings.result_url.get_secret_value() if settings.result_url else broker
     store = BatchStore.from_url(url, settings.result_ttl)
-    try:
-        store.r.ping()
-    except redis.RedisError as e:
-        store.close()
-        raise UsageError(f"cannot reach the broker at {_safe_url(url)}: {e}") from None
-    return broker_app(settings), store
+    publisher = TaskPublisher(store.r if url == broker else redis_client(broker))
+    checks = [(store.r, url)] + ([] if publisher.r is store.r else [(publisher.r, broker)])
+    for client, where in checks:
+        try:
+            client.ping()
+        except redis.RedisError as e:
+            store.close()
+            raise UsageError(f"cannot reach the broker at {_safe_url(where)}: {e}") from None
+    return publisher, store
 
 
 def _safe_url(url: str) -> str:
@@ -195,9 +199,9 @@ def _safe_url(url: str) -> str:
 
 def _wait_and_report(store: BatchStore, meta: BatchMeta, args: argparse.Namespace, out: Console, err: Console,
                      task_ids: list[str] | None = None, title: str | None = None, cleanups: bool = False,
-                     app: Celery | None = None) -> int:
+                     publisher: TaskPublisher | None = None) -> int:
     """Watch ``task_ids`` (default: the whole batch) and sum up their own bytes, time and rate; with
-    ``cleanups``, wait for the cleanups their results name too. With ``app``, tasks whose messages the
+    ``cleanups``, wait for the cleanups their results name too. With ``publisher``, tasks whose messages the
     broker lost are sent again."""
     from contract.broker import SYNC_QUEUE
     from contract.dispatch import publish
@@ -207,13 +211,14 @@ def _wait_and_report(store: BatchStore, meta: BatchMeta, args: argparse.Namespac
     def resend(lost: list[str]) -> None:
         snap = store.snapshot(meta.batch_id, meta)
         jobs = dict(zip(meta.task_ids, meta.jobs, strict=True)) | (dict(snap.jobs) if snap else {})
-        publish(app, [(t, jobs[t]) for t in lost if t in jobs])
+        assert publisher is not None
+        publish(publisher, [(t, jobs[t]) for t in lost if t in jobs])
 
     started = time.monotonic()
     # The whole batch (task_ids None) grows while its selector lines are expanded.
     snap = wait_for_batch(store, meta, err, task_ids=task_ids, timeout=args.timeout,
-                          lost=LostMessages(store.r, [SYNC_QUEUE]) if app is not None else None,
-                          resend=resend if app is not None else None)
+                          lost=LostMessages(publisher.r, [SYNC_QUEUE]) if publisher is not None else None,
+                          resend=resend if publisher is not None else None)
     elapsed = time.monotonic() - started
     if cleanups:
         left = None if args.timeout is None else max(0.0, args.timeout - elapsed)
@@ -249,13 +254,13 @@ def _require_broker(settings: FerrySettings) -> FerrySettings:
     return settings
 
 
-def _snapshot(settings: FerrySettings, batch: str) -> tuple[Celery, BatchStore, BatchSnapshot]:
-    app, store = _connect(_require_broker(settings))
+def _snapshot(settings: FerrySettings, batch: str) -> tuple[TaskPublisher, BatchStore, BatchSnapshot]:
+    publisher, store = _connect(_require_broker(settings))
     snap = store.snapshot(batch)
     if snap is None:
         store.close()
         raise UsageError(f"no batch {batch!r} in Redis (unknown, or older than the result TTL)")
-    return app, store, snap
+    return publisher, store, snap
 
 
 def cmd_status(args: argparse.Namespace, settings: FerrySettings, out: Console, err: Console) -> int:
@@ -331,7 +336,7 @@ def cmd_retry(args: argparse.Namespace, settings: FerrySettings, out: Console, e
     from config.jobs import RetryRound
     from contract.dispatch import publish, publish_expansions, task_id_for
 
-    app, store, snap = _snapshot(settings, args.batch)
+    publisher, store, snap = _snapshot(settings, args.batch)
     try:
         meta = snap.meta
 
@@ -357,15 +362,15 @@ def cmd_retry(args: argparse.Namespace, settings: FerrySettings, out: Console, e
         store.start_round(new_meta, [snap.results[old] for old in replaced.values()])
         store.replace_added(meta.batch_id, renamed)
         store.reset_expansions(meta.batch_id, [e for e, _ in unlisted])
-        publish_expansions(app, unlisted)
+        publish_expansions(publisher, unlisted)
         again = [(ids[i], meta.jobs[i]) for i in failed] + list(renamed.values())
-        publish(app, again)
+        publish(publisher, again)
         lines = f" and {len(unlisted)} selector line(s)" if unlisted else ""
         err.print(f"batch [bold]{args.batch}[/]: {len(again)} failed image(s){lines} enqueued again")
         if not args.wait:
             return 0
         # Selector lines listed again add images of their own: then watch the whole batch.
-        return _wait_and_report(store, new_meta, args, out, err, app=app,
+        return _wait_and_report(store, new_meta, args, out, err, publisher=publisher,
                                 task_ids=None if unlisted else [t for t, _ in again],
                                 title=f"batch {args.batch}: retry of {len(again)} image(s){lines}")
     finally:

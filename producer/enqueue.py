@@ -6,19 +6,16 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from celery import Celery
-
 from config.expansion import ExpandJob
 from config.jobs import BatchMeta, SyncJob
-from config.settings import EngineName, FerrySettings
+from config.settings import EngineName
 from contract.batches import BatchStore
-from contract.broker import celery_config
 from contract.dispatch import expansion_id_for, publish, publish_expansions, task_id_for
-from producer.listfile import LineError, ListFileError, parse_list
+from contract.wire import TaskPublisher
+from producer.listfile import LineError, ListFileError, ParsedList, parse_list
 from producer.mapping import Mapped, Target, map_destinations
-from producer.skopeo_yaml import is_skopeo_yaml, parse_skopeo_yaml
 
-__all__ = ["broker_app", "build_expansions", "build_jobs", "enqueue", "new_batch_id", "plan_batch", "publish",
+__all__ = ["build_expansions", "build_jobs", "enqueue", "new_batch_id", "plan_batch", "publish",
            "task_id_for"]
 
 
@@ -46,20 +43,6 @@ def build_jobs(batch_id: str, mapped: Sequence[Mapped], engine: EngineName, *, r
         )
         jobs.setdefault((job.source, tuple(job.destinations), tuple(job.platforms)), job)
     return list(jobs.values())
-
-
-def broker_app(settings: FerrySettings) -> Celery:
-    """A Celery app that only sends: the workers define the tasks, the contract names them.
-
-    Its broker connection does not replay a command after a timeout, so kombu may pipeline a batch's
-    messages (a replayed pipeline could send some twice). Sending a task twice is harmless anyway —
-    its id is fixed and its first success stands — but a timeout now fails the enqueue with the
-    broker's error instead of being retried."""
-    app = Celery("ferry")
-    conf = celery_config(settings)
-    conf["broker_transport_options"] = {**conf["broker_transport_options"], "retry_on_timeout": False}
-    app.conf.update(conf)
-    return app
 
 
 def build_expansions(batch_id: str, mapped: Sequence[Mapped], engine: EngineName, *, referrers: bool = True,
@@ -96,6 +79,14 @@ def build_expansions(batch_id: str, mapped: Sequence[Mapped], engine: EngineName
     return expansions
 
 
+def _parse(data: bytes, list_file: str) -> ParsedList:
+    if not list_file.lower().endswith((".yaml", ".yml")):
+        return parse_list(data)
+    from producer.skopeo_yaml import parse_skopeo_yaml  # PyYAML loads only for the lists that need it
+
+    return parse_skopeo_yaml(data)
+
+
 def plan_batch(batch_id: str, data: bytes, targets: Sequence[str], *, flatten: bool, engine: EngineName,
                referrers: bool = True, list_file: str = "", dry_run: bool = False,
                prune: bool = False) -> tuple[list[SyncJob], list[ExpandJob], list[str]]:
@@ -103,14 +94,14 @@ def plan_batch(batch_id: str, data: bytes, targets: Sequence[str], *, flatten: b
     the one path from a list to a batch, for ``producer enqueue`` and for scheduled runs alike. A
     ``list_file`` named ``*.yaml``/``*.yml`` is read as a skopeo sync YAML. Raises ListFileError
     naming every bad line, or InvalidReference for a bad target."""
-    parsed = parse_skopeo_yaml(data) if is_skopeo_yaml(list_file) else parse_list(data)
+    parsed = _parse(data, list_file)
     parsed_targets = [Target.parse(t) for t in targets]
     mapped = map_destinations(parsed.entries, parsed_targets, flatten=flatten)
     expansions = build_expansions(batch_id, mapped, engine, referrers=referrers, dry_run=dry_run, prune=prune)
     return build_jobs(batch_id, mapped, engine, referrers=referrers, dry_run=dry_run), expansions, parsed.warnings
 
 
-def enqueue(app: Celery, store: BatchStore, batch_id: str, list_file: str, targets: list[str],
+def enqueue(publisher: TaskPublisher, store: BatchStore, batch_id: str, list_file: str, targets: list[str],
             jobs: list[SyncJob], expansions: Sequence[ExpandJob] = (), *, dry_run: bool = False,
             prune: bool = False) -> BatchMeta:
     """Record the batch, then publish every task over one broker connection."""
@@ -121,6 +112,6 @@ def enqueue(app: Celery, store: BatchStore, batch_id: str, list_file: str, targe
                      dry_run=dry_run, prune=prune)
     store.create(meta)
     # Expansions first: listing tags takes a while, and their syncs queue behind the listed images.
-    publish_expansions(app, list(zip(expansion_ids, expansions, strict=True)))
-    publish(app, list(zip(task_ids, jobs, strict=True)))
+    publish_expansions(publisher, list(zip(expansion_ids, expansions, strict=True)))
+    publish(publisher, list(zip(task_ids, jobs, strict=True)))
     return meta

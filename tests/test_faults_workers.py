@@ -204,11 +204,12 @@ PUBLISH = """
 import json, sys
 from config.jobs import SyncJob
 from config.settings import FerrySettings
+from contract.redis_client import redis_client
+from contract.wire import TaskPublisher
 from producer.enqueue import publish
-from workers.app import configure
-app = configure(FerrySettings())
-publish(app, [(t, SyncJob.model_validate(j)) for t, j in json.loads(sys.argv[1])])
-app.close()
+r = redis_client(FerrySettings().broker_url.get_secret_value())
+publish(TaskPublisher(r), [(t, SyncJob.model_validate(j)) for t, j in json.loads(sys.argv[1])])
+r.close()
 """
 
 

@@ -53,3 +53,11 @@ def test_engine_and_cluster_never_load_celery() -> None:
             assert not found & {"producer", *CELERY}, f"{mod} imports {found & {'producer', *CELERY}}"
     loaded = loaded_after_importing(["workers/engine", "workers/cluster"])
     assert not loaded & set(CELERY), sorted(loaded & set(CELERY))
+
+
+def test_the_producer_never_loads_celery() -> None:
+    """It writes task messages itself (contract.wire): Celery and kombu would be most of its start-up."""
+    for mod, found in tops("producer").items():
+        assert not found & set(CELERY), f"{mod} imports {found & set(CELERY)}"
+    loaded = loaded_after_importing(["producer"])
+    assert not loaded & set(CELERY), sorted(loaded & set(CELERY))

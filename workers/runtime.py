@@ -18,6 +18,8 @@ from config.settings import FerrySettings, RegistryConfig
 # instead of each importing httpx, docker and friends again on its first task.
 from contract.batches import BatchStore
 from contract.broker import CLEANUP_TASK, SYNC_QUEUE, node_queue
+from contract.redis_client import redis_client
+from contract.wire import TaskPublisher
 from workers.cluster.coordinator import RedisCoordinator
 from workers.cluster.ratelimit import Limit
 from workers.engine.cache import BlobCache, CachePolicy
@@ -89,6 +91,17 @@ def store() -> BatchStore:
             assert url is not None
             st["store"] = BatchStore.from_url(url.get_secret_value(), s.result_ttl, ride_out=BROKER_OUTAGE_S)
         return st["store"]  # type: ignore[return-value]
+
+
+def publisher() -> TaskPublisher:
+    """Sends the tasks a worker adds to a batch (a selector line's tags, a schedule's run)."""
+    with _lock:
+        st = _local()
+        if "publisher" not in st:
+            url = settings().broker_url
+            assert url is not None
+            st["publisher"] = TaskPublisher(redis_client(url.get_secret_value(), ride_out=BROKER_OUTAGE_S))
+        return st["publisher"]  # type: ignore[return-value]
 
 
 def engine(name: str) -> Engine:

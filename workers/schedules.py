@@ -14,12 +14,11 @@ import time
 from datetime import UTC, datetime
 from typing import Literal
 
-from celery import Celery
-
 from config.reference import InvalidReference
 from config.schedules import ScheduleFiring
 from contract import keys
 from contract.batches import BatchStore
+from contract.wire import TaskPublisher
 from producer.enqueue import enqueue, plan_batch
 from producer.listfile import ListFileError
 
@@ -34,7 +33,7 @@ def when(run_at: float) -> str:
     return datetime.fromtimestamp(run_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def fire(app: Celery, store: BatchStore, firing: ScheduleFiring, *, task_id: str) -> Outcome:
+def fire(publisher: TaskPublisher, store: BatchStore, firing: ScheduleFiring, *, task_id: str) -> Outcome:
     """Enqueue ``firing``'s batch unless its run already fired or the previous batch still runs."""
     r, key, name = store.r, keys.schedule(firing.name), firing.name
     claim = keys.schedule_run(name, firing.run_at)
@@ -65,7 +64,7 @@ def fire(app: Celery, store: BatchStore, firing: ScheduleFiring, *, task_id: str
         return "invalid"
     for w in warnings:
         log.warning("schedule %s: %s", name, w)
-    enqueue(app, store, batch_id, firing.list_file, firing.targets, jobs, expansions)
+    enqueue(publisher, store, batch_id, firing.list_file, firing.targets, jobs, expansions)
     log.info("schedule %s: the run at %s enqueued batch %s (%d images)", name, when(firing.run_at), batch_id, len(jobs))
     _record(store, name, firing.run_at, f"fired {batch_id}", batch=batch_id, fired_at=time.time(), increment="fired")
     return "fired"

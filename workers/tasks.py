@@ -218,7 +218,8 @@ def expand_repository(self: Task, job: dict[str, Any]) -> dict[str, Any]:
     try:
         engine = runtime.engine("registry")
         assert isinstance(engine, RegistryEngine)
-        result = expand(j, task_id, engine, store, lambda tasks: publish(app, tasks), page_size=s.tag_page_size)
+        publisher = runtime.publisher()
+        result = expand(j, task_id, engine, store, lambda tasks: publish(publisher, tasks), page_size=s.tag_page_size)
     except Exception as e:  # a bug must still end the line, not leave the batch expanding forever
         store.record_expansion(ExpandResult(batch_id=j.batch_id, task_id=task_id, source=j.source, line=j.line,
                                             status="failed", error=f"internal error: {type(e).__name__}: {e}",
@@ -256,4 +257,5 @@ def cleanup(self: Task, engine: str = "registry", batch_id: str | None = None,
 
 @app.task(name=SCHEDULE_TASK, bind=True, acks_late=True)
 def fire_schedule(self: Task, firing: dict[str, Any]) -> str:
-    return fire(app, runtime.store(), ScheduleFiring.model_validate(firing), task_id=self.request.id or "")
+    return fire(runtime.publisher(), runtime.store(), ScheduleFiring.model_validate(firing),
+                task_id=self.request.id or "")
