@@ -23,15 +23,10 @@ from config.reference import InvalidReference, Reference
 from config.selectors import SelectorError, TagSelector
 from producer.listfile import LineError, ListEntry, ListFileError, ParsedList
 
-SUFFIXES = (".yaml", ".yml")
 _SECRET_KEYS = frozenset({"credentials", "username", "password", "identitytoken", "auth"})
 _IGNORED = {"cert-dir": "ferry reads CA certificates from the system store on the workers"}
 _CREDENTIALS = ("credentials are not accepted in the YAML: ferry reads them on the workers, from "
                 "~/.docker/config.json or FERRY_REGISTRIES ({registry: {username, password}}); remove them here")
-
-
-def is_skopeo_yaml(path: str) -> bool:
-    return path.lower().endswith(SUFFIXES)
 
 
 def parse_skopeo_yaml(data: bytes) -> ParsedList:
