@@ -70,7 +70,9 @@ def celery_config(settings: FerrySettings) -> dict[str, Any]:
         # Off: Celery's sent event names the registered task, not what Flower should show (see
         # producer.enqueue.publish, which sends its own). Tasks a worker sends show once received.
         "task_send_sent_event": False,
-        "worker_send_task_events": True,
+        # Off until a monitor asks: Flower turns them on when it starts and every 5 s after (Celery's
+        # enable_events control command), so a cluster nobody watches spends nothing on them.
+        "worker_send_task_events": False,
         "worker_hijack_root_logger": False,
         "broker_heartbeat": 0,
     }

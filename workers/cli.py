@@ -138,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
         "--queues", f"{SYNC_QUEUE},{node_queue(settings.node)},{SCHEDULE_QUEUE}",
         "--loglevel", args.loglevel.upper(),
         "--without-gossip", "--without-mingle",
-        "--task-events",
     ])
     return 0
 
@@ -187,5 +186,8 @@ def _flower(app: Any, args: argparse.Namespace) -> int:
     argv = ["flower", f"--address={args.address}", f"--port={args.port}", f"--tasks_columns={FLOWER_COLUMNS}"]
     if args.basic_auth:
         argv.append(f"--basic-auth={args.basic_auth}")
+    # Workers send task events only while watched. Flower asks every 5 s, first 5 s after it starts:
+    # ask now, so the tasks of its first seconds show too.
+    app.control.enable_events()
     app.start(argv)
     return 0
