@@ -12,29 +12,59 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from pydantic import SecretStr, ValidationError
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from config import describe
 from config.jobs import SyncJob
 from config.reference import InvalidReference
 from config.settings import FerrySettings, describe_validation_error
 from producer.listfile import ListFileError
-from producer.report import Summary, as_json, render, summarize
 from producer.standalone import Stopped
 
-if TYPE_CHECKING:  # imported lazily at run time, so bad input is reported before the broker side loads
+if TYPE_CHECKING:  # imported lazily at run time, so the tasks are published before these load
+    from rich.console import Console
+
     from config.jobs import BatchMeta
     from contract.batches import BatchSnapshot, BatchStore
     from contract.wire import TaskPublisher
+    from producer.report import Summary
 
 USAGE = 2
-# User and registry text passes through rich.markup.escape: "[...]" in it would be read as markup.
+
+
+def escape(text: str) -> str:
+    """User and registry text passes through rich.markup.escape: "[...]" in it would be read as markup."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+class _LazyConsole:
+    """A rich Console made on first use: rich is a noticeable part of a short command's start-up, and
+    ``enqueue`` has published its tasks by the time it first prints."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def _real(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real(), name)
+
+    def __enter__(self) -> Console:  # looked up on the type, not through __getattr__
+        return self._real().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._real().__exit__(*exc)
 
 
 class UsageError(Exception):
@@ -72,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    out, err = Console(highlight=False), Console(stderr=True, highlight=False)
+    out = cast("Console", _LazyConsole(highlight=False))
+    err = cast("Console", _LazyConsole(stderr=True, highlight=False))
     try:
         settings = _settings(args)
         return int(COMMANDS[args.command](args, settings, out, err))
@@ -207,6 +238,7 @@ def _wait_and_report(store: BatchStore, meta: BatchMeta, args: argparse.Namespac
     from contract.dispatch import publish
     from contract.messages import LostMessages
     from producer.progress import wait_for_batch, wait_for_cleanups
+    from producer.report import as_json, render, summarize
 
     def resend(lost: list[str]) -> None:
         snap = store.snapshot(meta.batch_id, meta)
@@ -264,6 +296,8 @@ def _snapshot(settings: FerrySettings, batch: str) -> tuple[TaskPublisher, Batch
 
 
 def cmd_status(args: argparse.Namespace, settings: FerrySettings, out: Console, err: Console) -> int:
+    from producer.report import summarize
+
     _, store, snap = _snapshot(settings, args.batch)
     store.close()
     summary = summarize(snap)
@@ -320,6 +354,8 @@ def _status_code(snap: BatchSnapshot, summary: Summary) -> int:
 
 
 def cmd_report(args: argparse.Namespace, settings: FerrySettings, out: Console, err: Console) -> int:
+    from producer.report import as_json, render, summarize
+
     _, store, snap = _snapshot(settings, args.batch)
     store.close()
     summary = summarize(snap)
@@ -378,6 +414,10 @@ def cmd_retry(args: argparse.Namespace, settings: FerrySettings, out: Console, e
 
 
 def cmd_batches(args: argparse.Namespace, settings: FerrySettings, out: Console, err: Console) -> int:
+    from rich.table import Table
+
+    from producer.report import summarize
+
     _, store = _connect(_require_broker(settings))
     try:
         table = Table(show_header=True, header_style="bold", box=None)
