@@ -117,7 +117,7 @@ def _clock(seconds: float | None) -> str:
 
 
 def wait_for_batch(store: BatchStore, meta: BatchMeta, console: Console, *, task_ids: list[str] | None = None,
-                   poll: float = 0.05, timeout: float | None = None, lost: LostMessages | None = None,
+                   poll: float = 0.02, timeout: float | None = None, lost: LostMessages | None = None,
                    resend: Callable[[list[str]], None] | None = None) -> BatchSnapshot:
     """Poll until every watched task (default: the batch's, which grows as selector lines are
     expanded) has a final result, or ``timeout`` passes. With ``lost`` and ``resend``, a task
