@@ -4,6 +4,7 @@ Flower."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
+from celery import Celery
 
 from config.describe import human_bytes
 from tests.support.cluster import Cluster, make_cluster_fixture  # noqa: F401  (fixture)
@@ -143,6 +146,44 @@ def test_flower_names_results_and_reasons(
     assert len(lines) == 1 and lines[0].endswith(f"raised expected: no tag v9.9 in {src.host}/apps/api"), lines
     assert "Traceback" not in log and "raised unexpected" not in log
     assert "HTTP Request:" not in log
+
+
+def _event_types(sub: redis.client.PubSub, quiet: float) -> list[str]:
+    """Every event type published until ``quiet`` seconds pass without one (a worker sends its
+    task events in batches, ``task.multi``, whose body is a list)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + quiet
+    while time.monotonic() < deadline:
+        msg = sub.get_message(timeout=0.2)
+        if msg is None or msg["type"] != "pmessage":
+            continue
+        body = json.loads(base64.b64decode(json.loads(msg["data"])["body"]))
+        seen += [e["type"] for e in (body if isinstance(body, list) else [body])]
+        deadline = time.monotonic() + quiet
+    return seen
+
+
+def test_workers_send_task_events_only_while_asked(
+        make_cluster: Callable[..., Cluster], src: Registry, dst: Registry, src_pusher: Pusher) -> None:
+    """A cluster nobody watches spends nothing on task events; a monitor's enable_events (Flower
+    sends it as it starts and every 5 s) turns them on."""
+    c = make_cluster()
+    c.start_worker("w", concurrency=2)
+    push_image(src_pusher, "apps/a", layers=1)
+    push_image(src_pusher, "apps/b", layers=1)
+    with c.redis.client() as r, r.pubsub() as sub:
+        sub.psubscribe("/0.celeryev/task.*")
+        assert c.producer("enqueue", str(c.listing([f"{src.host}/apps/a:v1"])), "--target", f"{dst.host}/m",
+                          "--wait").returncode == 0
+        assert _event_types(sub, 3) == ["task-sent"]  # the producer's, for Flower's queued list
+        app = Celery(broker=c.redis.url)
+        replies = app.control.broadcast("enable_events", reply=True, timeout=10)
+        app.close()
+        assert len(replies) == 1, replies  # the worker has turned them on
+        assert c.producer("enqueue", str(c.listing([f"{src.host}/apps/b:v1"])), "--target", f"{dst.host}/m",
+                          "--wait").returncode == 0
+        seen = _event_types(sub, 3)
+    assert {"task-sent", "task-received", "task-started", "task-succeeded"} <= set(seen), seen
 
 
 @pytest.fixture
