@@ -194,7 +194,6 @@ class RegistryTransport:
         body is left unread and the caller must close the response."""
         client = self.client(host)
         request = client.build_request(method, url, headers=headers, params=params, content=content)
-        safe_url = str(request.url.copy_with(query=None))
         started = time.monotonic()
         try:
             response = client.send(request, stream=True)
@@ -205,9 +204,9 @@ class RegistryTransport:
                 return self.send(method, host, url, ok=ok, reference=reference, headers=headers, params=params,
                                  content=content, stream=stream)
             self.observer.request(host, 0)
-            raise transport_error(exc, url=safe_url, reference=reference) from exc
+            raise transport_error(exc, url=_without_query(request.url), reference=reference) from exc
         except httpx.TooManyRedirects as exc:
-            raise RegistryError("too many redirects", url=safe_url,
+            raise RegistryError("too many redirects", url=_without_query(request.url),
                                 reference=str(reference) if reference else None) from exc
         self._note_quota(host, response)
         self._note_latency(host, time.monotonic() - started)
@@ -219,7 +218,7 @@ class RegistryTransport:
                 response.read()
         except httpx.HTTPError as exc:
             response.close()
-            raise transport_error(exc, url=safe_url, reference=reference) from exc
+            raise transport_error(exc, url=_without_query(request.url), reference=reference) from exc
         except BaseException:
             response.close()
             raise
@@ -305,3 +304,9 @@ class RegistryTransport:
         if not location.startswith("/"):
             location = "/" + location
         return self.base_url(host) + location
+
+
+def _without_query(url: httpx.URL) -> str:
+    """A request's URL for an error message: its query may carry an upload session's state. Built
+    only when there is an error to report (parsing URLs is a noticeable part of a request's cost)."""
+    return str(url.copy_with(query=None))
