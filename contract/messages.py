@@ -16,9 +16,10 @@ from typing import Any
 
 import redis
 
-from contract.wire import PRIORITY_SEP, PRIORITY_STEPS
-
 UNACKED_KEY = "unacked"
+# kombu's Redis transport: a list per priority step, named queue + separator + step (0: the queue).
+PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (0, 3, 6, 9)
 _CHUNK = 1000
 
 

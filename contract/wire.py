@@ -22,9 +22,6 @@ from typing import Any
 
 import redis
 
-# kombu's Redis transport: a list per priority step, named queue + separator + step (0: the queue).
-PRIORITY_SEP = "\x06\x16"
-PRIORITY_STEPS = (0, 3, 6, 9)
 EVENT_EXCHANGE = "celeryev"
 # Redis commands per pipeline: two per task (its message and its sent event).
 PIPELINE = 1000
@@ -80,7 +77,7 @@ class TaskPublisher:
         self._events = f"/{r.connection_pool.connection_kwargs.get('db', 0)}.{EVENT_EXCHANGE}/"
         self._clock = itertools.count(1)  # Lamport clock of the events sent; next() is atomic
 
-    def task(self, m: TaskMessage, queue: str) -> str:
+    def _task(self, m: TaskMessage, queue: str) -> str:
         headers: dict[str, Any] = {
             "lang": "py", "task": m.task, "id": m.task_id, "shadow": m.shadow, "eta": None, "expires": None,
             "group": None, "group_index": None, "retries": 0, "timelimit": [None, None], "root_id": m.task_id,
@@ -91,7 +88,7 @@ class TaskPublisher:
         return _envelope([m.args, {}, _NO_EMBED], headers, "", queue, persistent=True,
                          properties={"correlation_id": m.task_id, "reply_to": ""})
 
-    def sent_event(self, m: TaskMessage, queue: str) -> str:
+    def _sent_event(self, m: TaskMessage, queue: str) -> str:
         """Celery's own sent event would name the registered task and may reach Flower after the
         worker's events, renaming the task there; this one carries the name people read."""
         event = {
@@ -105,8 +102,8 @@ class TaskPublisher:
     def send(self, messages: Sequence[TaskMessage], queue: str) -> None:
         with self.r.pipeline(transaction=False) as p:
             for i, m in enumerate(messages, 1):
-                p.lpush(queue, self.task(m, queue))
-                p.publish(self._events + "task.sent", self.sent_event(m, queue))
+                p.lpush(queue, self._task(m, queue))
+                p.publish(self._events + "task.sent", self._sent_event(m, queue))
                 if 2 * i % PIPELINE == 0:
                     p.execute()
             p.execute()
