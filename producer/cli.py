@@ -210,8 +210,7 @@ def _connect(settings: FerrySettings) -> tuple[TaskPublisher, BatchStore]:
     url = settings.result_url.get_secret_value() if settings.result_url else broker
     store = BatchStore.from_url(url, settings.result_ttl)
     publisher = TaskPublisher(store.r if url == broker else redis_client(broker))
-    checks = [(store.r, url)] + ([] if publisher.r is store.r else [(publisher.r, broker)])
-    for client, where in checks:
+    for where, client in {url: store.r, broker: publisher.r}.items():  # one check when they are one Redis
         try:
             client.ping()
         except redis.RedisError as e:
